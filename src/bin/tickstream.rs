@@ -1,0 +1,94 @@
+//! The `tickstream` binary: parses flags, sets up logging, calls the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tickstream::auth::USERS_ENV;
+use tickstream::config::{Config, ServeArgs};
+use tickstream::{metrics, server, telemetry};
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Exit code for a configuration that cannot run (as clap's usage errors).
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "tickstream",
+    version,
+    about = "TCP fan-out server for time-based tick data"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn config_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tickstream: error: {message}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let users = std::env::var(USERS_ENV).ok();
+    let config = match Config::from_args(&args, users.as_deref()) {
+        Ok(config) => config,
+        Err(e) => return config_error(e),
+    };
+    if let Err(e) = telemetry::init(&args.log_level) {
+        return config_error(e);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tickstream: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match server::bind(config.listen, config.reuse_port) {
+            Ok(l) => l,
+            Err(e) => return config_error(format_args!("--listen {}: {e}", config.listen)),
+        };
+        if let Some(addr) = config.metrics_listen {
+            if let Err(e) = metrics::install_exporter(addr) {
+                return config_error(format_args!("--metrics-listen {addr}: {e}"));
+            }
+        }
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        match server::run(config, listener, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => config_error(e),
+        }
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+    }
+    shutdown.cancel();
+}

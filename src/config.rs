@@ -1,0 +1,316 @@
+//! `tickstream serve` flags (each also from env `TICKSTREAM_<FLAG>`) and the
+//! checked [`Config`] the server runs with.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use thiserror::Error;
+
+use crate::auth::{Credentials, CredentialsError, USERS_ENV};
+
+/// Flags of `tickstream serve`. Durations take humantime syntax (`500ms`, `20s`).
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address for client connections.
+    #[arg(long, env = "TICKSTREAM_LISTEN", default_value = "0.0.0.0:7000")]
+    pub listen: SocketAddr,
+
+    /// Address of the Prometheus `/metrics` endpoint, or `off`.
+    #[arg(long, env = "TICKSTREAM_METRICS_LISTEN", default_value = "127.0.0.1:9100",
+          value_parser = parse_optional_addr)]
+    pub metrics_listen: OptionalAddr,
+
+    /// Heartbeat interval advertised to clients in the AUTH ACK.
+    #[arg(long, env = "TICKSTREAM_HEARTBEAT_INTERVAL", default_value = "15s")]
+    pub heartbeat_interval: humantime::Duration,
+
+    /// Silence after which a client is closed with HEARTBEAT_TIMEOUT. Must
+    /// exceed the interval; too close to it and one delayed heartbeat drops a client.
+    #[arg(long, env = "TICKSTREAM_HEARTBEAT_TIMEOUT", default_value = "20s")]
+    pub heartbeat_timeout: humantime::Duration,
+
+    /// Time a new connection has to send a complete AUTH frame.
+    #[arg(long, env = "TICKSTREAM_AUTH_TIMEOUT", default_value = "5s")]
+    pub auth_timeout: humantime::Duration,
+
+    /// Micro-batching window: ticks produced inside one window share a DATA_BATCH.
+    /// 1ms to 1s. Shorter means more frames (more syscalls per client); longer
+    /// means ticks wait longer before they are sent.
+    #[arg(long, env = "TICKSTREAM_BATCH_WINDOW", default_value = "5ms")]
+    pub batch_window: humantime::Duration,
+
+    /// Extra synthetic ticks per second injected into each mode (load testing). 0 = clock only.
+    #[arg(long, env = "TICKSTREAM_SYNTHETIC_RATE", default_value_t = 0)]
+    pub synthetic_rate: u64,
+
+    /// Batches kept per mode. A subscriber more than this many batches behind
+    /// is closed with SLOW_CONSUMER. Memory is at most capacity x 1 MiB per mode
+    /// in the worst case (tiny batches in practice).
+    #[arg(long, env = "TICKSTREAM_RING_CAPACITY", default_value_t = 4096)]
+    pub ring_capacity: usize,
+
+    /// Most concurrent client connections; more get TOO_MANY_CONNECTIONS.
+    /// Keep it below the process's open-file limit.
+    #[arg(long, env = "TICKSTREAM_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Most concurrent connections from one source IP (0 = no limit).
+    #[arg(long, env = "TICKSTREAM_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Failed AUTHs allowed per source IP per minute before RATE_LIMITED (0 = no limit).
+    #[arg(long, env = "TICKSTREAM_AUTH_FAILURES_PER_MINUTE", default_value_t = 5)]
+    pub auth_failures_per_minute: u32,
+
+    /// Kernel send buffer per client socket in bytes (SO_SNDBUF; 0 = kernel
+    /// autotuning). Bounds what a client that stops reading pins in the kernel:
+    /// with autotuning one such client can hold about 3.5 MB.
+    #[arg(long, env = "TICKSTREAM_SEND_BUFFER", default_value_t = 128 * 1024)]
+    pub send_buffer: usize,
+
+    /// Record publish_latency_ms for one connection in N (1 = every delivery).
+    #[arg(long, env = "TICKSTREAM_LATENCY_SAMPLE", default_value_t = 8)]
+    pub latency_sample: u64,
+
+    /// Set SO_REUSEPORT so several processes can share --listen.
+    #[arg(long, env = "TICKSTREAM_REUSE_PORT")]
+    pub reuse_port: bool,
+
+    /// PEM certificate chain; with --tls-key turns on TLS 1.3.
+    #[arg(long, env = "TICKSTREAM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "TICKSTREAM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "TICKSTREAM_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG filters override it.
+    #[arg(long, env = "TICKSTREAM_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// An address, or `None` for `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    match s {
+        "off" | "none" | "" => Ok(OptionalAddr(None)),
+        _ => s
+            .parse()
+            .map(|a| OptionalAddr(Some(a)))
+            .map_err(|e| format!("{e} (expected host:port or `off`)")),
+    }
+}
+
+/// A configuration value that cannot run.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error("{USERS_ENV} is not set: set it to user:password[,user:password...]")]
+    NoUsers,
+}
+
+/// TLS files, checked to be present together.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The checked configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub auth_timeout: Duration,
+    pub batch_window: Duration,
+    pub synthetic_rate: u64,
+    pub ring_capacity: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub auth_failures_per_minute: u32,
+    pub send_buffer: usize,
+    pub latency_sample: u64,
+    pub reuse_port: bool,
+    pub tls: Option<TlsFiles>,
+    pub credentials: Credentials,
+}
+
+/// Bounds on the batch window; below 1ms the tokio timer cannot keep up.
+const MIN_BATCH_WINDOW: Duration = Duration::from_millis(1);
+const MAX_BATCH_WINDOW: Duration = Duration::from_secs(1);
+/// Largest ring; at 1 MiB per batch worst case more would be absurd.
+const MAX_RING_CAPACITY: usize = 1 << 20;
+/// Synthetic ticks per second per mode above this are a typo, not a test.
+const MAX_SYNTHETIC_RATE: u64 = 100_000_000;
+/// Heartbeat fields of the ACK are u32 milliseconds.
+const MAX_HEARTBEAT: Duration = Duration::from_millis(u32::MAX as u64);
+
+impl Config {
+    /// Checks `args` and reads credentials from `users` (the value of
+    /// `TICKSTREAM_USERS`, if set).
+    pub fn from_args(args: &ServeArgs, users: Option<&str>) -> Result<Config, ConfigError> {
+        let invalid = |flag: &'static str, reason: &str| ConfigError::Invalid {
+            flag,
+            reason: reason.to_owned(),
+        };
+        let interval: Duration = args.heartbeat_interval.into();
+        let timeout: Duration = args.heartbeat_timeout.into();
+        let auth_timeout: Duration = args.auth_timeout.into();
+        let window: Duration = args.batch_window.into();
+        if interval.is_zero() {
+            return Err(invalid("heartbeat-interval", "must be greater than 0"));
+        }
+        if timeout <= interval {
+            return Err(invalid(
+                "heartbeat-timeout",
+                &format!(
+                    "must be longer than --heartbeat-interval ({})",
+                    args.heartbeat_interval
+                ),
+            ));
+        }
+        if timeout > MAX_HEARTBEAT {
+            return Err(invalid("heartbeat-timeout", "must be at most 49 days"));
+        }
+        if auth_timeout.is_zero() {
+            return Err(invalid("auth-timeout", "must be greater than 0"));
+        }
+        if !(MIN_BATCH_WINDOW..=MAX_BATCH_WINDOW).contains(&window) {
+            return Err(invalid("batch-window", "must be between 1ms and 1s"));
+        }
+        if window.as_micros() % 1000 != 0 {
+            return Err(invalid("batch-window", "must be a whole number of milliseconds"));
+        }
+        if args.synthetic_rate > MAX_SYNTHETIC_RATE {
+            return Err(invalid("synthetic-rate", "must be at most 100000000 ticks/s"));
+        }
+        if !(1..=MAX_RING_CAPACITY).contains(&args.ring_capacity) {
+            return Err(invalid("ring-capacity", "must be between 1 and 1048576 batches"));
+        }
+        if args.max_connections == 0 {
+            return Err(invalid("max-connections", "must be at least 1"));
+        }
+        if args.latency_sample == 0 {
+            return Err(invalid("latency-sample", "must be at least 1"));
+        }
+        let credentials = Credentials::parse(users.ok_or(ConfigError::NoUsers)?)?;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        Ok(Config {
+            listen: args.listen,
+            metrics_listen: args.metrics_listen.0,
+            heartbeat_interval: interval,
+            heartbeat_timeout: timeout,
+            auth_timeout,
+            batch_window: window,
+            synthetic_rate: args.synthetic_rate,
+            ring_capacity: args.ring_capacity,
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            auth_failures_per_minute: args.auth_failures_per_minute,
+            send_buffer: args.send_buffer,
+            latency_sample: args.latency_sample,
+            reuse_port: args.reuse_port,
+            tls,
+            credentials,
+        })
+    }
+
+    /// A configuration for tests and embedding: loopback, port 0, metrics off,
+    /// contract defaults elsewhere.
+    pub fn for_tests(users: &str) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            heartbeat_interval: Duration::from_secs(15),
+            heartbeat_timeout: Duration::from_secs(20),
+            auth_timeout: Duration::from_secs(5),
+            batch_window: Duration::from_millis(5),
+            synthetic_rate: 0,
+            ring_capacity: 4096,
+            max_connections: 100_000,
+            max_connections_per_ip: 0,
+            auth_failures_per_minute: 5,
+            send_buffer: 128 * 1024,
+            latency_sample: 1,
+            reuse_port: false,
+            tls: None,
+            credentials: Credentials::parse(users).expect("test credentials parse"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).expect("clap parses");
+        Config::from_args(&cli.serve, Some("u:p"))
+    }
+
+    #[test]
+    fn defaults_are_the_contract() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(15));
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(20));
+        assert_eq!(c.auth_timeout, Duration::from_secs(5));
+        assert_eq!(c.batch_window, Duration::from_millis(5));
+        assert_eq!(c.synthetic_rate, 0);
+        assert_eq!(c.ring_capacity, 4096);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (args, flag) in [
+            (&["--heartbeat-timeout", "10s"][..], "heartbeat-timeout"),
+            (&["--batch-window", "0ms"][..], "batch-window"),
+            (&["--batch-window", "1500us"][..], "batch-window"),
+            (&["--ring-capacity", "0"][..], "ring-capacity"),
+            (&["--max-connections", "0"][..], "max-connections"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("--{flag}:")), "{err}");
+        }
+    }
+
+    #[test]
+    fn users_are_required() {
+        let cli = Cli::try_parse_from(["serve"]).unwrap();
+        assert_eq!(
+            Config::from_args(&cli.serve, None).unwrap_err(),
+            ConfigError::NoUsers
+        );
+    }
+}

@@ -1,0 +1,43 @@
+//! tickstream: a TCP fan-out server for time-based tick data.
+//!
+//! A producer per mode encodes each `DataBatch` once into a refcounted frame
+//! and publishes it into a lock-free ring; every connection's writer reads
+//! the ring by cursor and sends everything pending in one vectored write. No
+//! per-client serialization, copy or unbounded queue sits in the data path.
+//!
+//! # Layout
+//!
+//! - [`frame`]: the wire format (header, CRC32C, limits), encode and decode.
+//! - [`proto`]: protobuf messages generated from `proto/stream.proto`.
+//! - [`error`]: the wire's ERROR codes and the error type of each boundary.
+//! - [`config`]: `tickstream serve` flags and the checked [`config::Config`].
+//! - [`auth`]: credentials from `TICKSTREAM_USERS` and the failed-AUTH limiter.
+//! - [`session`]: the per-connection protocol state machine, without I/O.
+//! - [`ring`]: the per-mode broadcast ring and its wake registry; SLOW_CONSUMER.
+//! - [`tick`]: clock boundaries, synthetic load, batching, encode once.
+//! - [`connection`]: framed reads and vectored writes over TCP or TLS.
+//! - [`tls`]: rustls TLS 1.3 server and client configuration, mTLS.
+//! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
+//! - [`server`]: accept loop, connection tasks, shutdown.
+//! - [`telemetry`]: JSON logs.
+//!
+//! PROTOCOL.md describes the wire protocol byte by byte.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod frame;
+pub mod metrics;
+pub mod proto;
+pub mod ring;
+pub mod server;
+pub mod session;
+pub mod telemetry;
+pub mod tick;
+pub mod tls;
+
+pub use config::Config;
+pub use error::{ClientError, ErrorCode, FrameError, SessionError};
+pub use frame::Frame;

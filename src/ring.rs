@@ -1,0 +1,501 @@
+//! The per-mode broadcast ring of pre-encoded frames, read by cursor.
+//!
+//! One producer encodes each batch once and [`Publisher::publish`]es it;
+//! every subscriber holds a [`Cursor`] (the absolute sequence number of the
+//! next entry it wants) and reads shared `Arc<Entry>`s without taking any lock
+//! that the producer or other readers contend on. There is no per-subscriber
+//! queue: the ring is the queue.
+//!
+//! # Lagging
+//!
+//! The ring keeps the last `capacity` entries. A cursor that falls a whole
+//! ring behind gets [`Read::Lagged`]; the server answers with ERROR
+//! `SLOW_CONSUMER` and closes. Unlike `tokio::sync::broadcast`, a lagged reader
+//! never skips ahead silently: every batch is delivered in order or the
+//! connection ends.
+//!
+//! # Memory ordering
+//!
+//! The producer stores the slot (arc-swap's store is `SeqCst`), then stores
+//! `published = seq + 1` with `Release`. A reader loads `published` with
+//! `Acquire`, so every slot below it is visible; it then loads the slot and
+//! compares the full `u64` sequence number stored inside the entry, which
+//! makes slot reuse (ABA) detectable: a newer sequence means the slot was
+//! overwritten between the two loads, i.e. the reader was lapped.
+//!
+//! # Waking
+//!
+//! Subscribers register one [`AtomicWaker`] each in a sharded registry;
+//! [`Ring::wake_all`] walks it after a publish. Registering happens once per
+//! subscription (a shard lock), while waiting is a lock-free
+//! `AtomicWaker::register`. A subscriber registers *before* its last check of
+//! `published` and the producer stores `published` *before* waking, so no
+//! wake-up is lost. A task woken and not yet run costs nothing on the next
+//! publish: wake-ups coalesce, and the writer then sends everything after its
+//! cursor in one vectored write.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+use slab::Slab;
+
+/// One published batch: its encoded frame and the tick sequence range it holds.
+#[derive(Debug)]
+pub struct Entry {
+    /// Absolute position in the ring (0, 1, 2, ...). Never wraps in practice.
+    pub seq: u64,
+    /// Sequence number of the first tick in the batch (`DataBatch.first_seq`).
+    pub first_tick_seq: u64,
+    /// `first_tick_seq + number of ticks`: where the next batch starts.
+    pub next_tick_seq: u64,
+    /// When the batch was encoded, for the `publish_latency_ms` metric.
+    pub encoded_at: Instant,
+    /// The whole wire frame, shared by every writer.
+    pub bytes: Bytes,
+}
+
+/// What a cursor found.
+#[derive(Debug)]
+pub enum Read {
+    /// The next entry; the cursor has moved past it.
+    Entry(Arc<Entry>),
+    /// Nothing published after the cursor yet.
+    Empty,
+    /// The producer overwrote the entry the cursor needed.
+    Lagged,
+}
+
+/// A subscriber's position: the ring sequence of the next entry it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    next: u64,
+}
+
+impl Cursor {
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    pub cursor: Cursor,
+    /// The tick sequence of the first tick this cursor will read (ACK `next_seq`).
+    pub next_tick_seq: u64,
+    /// True when a resume request was served from the ring.
+    pub resumed: bool,
+}
+
+/// A broadcast ring for one mode.
+pub struct Ring {
+    slots: Box<[ArcSwapOption<Entry>]>,
+    /// The next ring sequence to be written; every slot below it is readable.
+    published: CachePadded<AtomicU64>,
+    /// The tick sequence the first batch starts at.
+    initial_tick_seq: u64,
+    wakers: WakeRegistry,
+}
+
+impl Ring {
+    /// A ring holding the last `capacity` entries, and its only producer.
+    ///
+    /// # Panics
+    /// If `capacity` is zero (the config rejects that first).
+    pub fn new(capacity: usize) -> (Arc<Ring>, Publisher) {
+        Self::starting_at(capacity, 0)
+    }
+
+    /// Like [`Ring::new`], with the first batch's tick sequence at `initial_tick_seq`.
+    pub fn starting_at(capacity: usize, initial_tick_seq: u64) -> (Arc<Ring>, Publisher) {
+        assert!(capacity > 0, "ring capacity must be at least 1");
+        let ring = Arc::new(Ring {
+            slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
+            published: CachePadded::new(AtomicU64::new(0)),
+            initial_tick_seq,
+            wakers: WakeRegistry::new(),
+        });
+        let publisher = Publisher {
+            ring: ring.clone(),
+            next_tick_seq: initial_tick_seq,
+        };
+        (ring, publisher)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    /// The ring sequence the next publish will get.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// A cursor at the live head: it reads only batches published from now on.
+    pub fn subscribe_live(&self) -> Start {
+        loop {
+            let head = self.published();
+            if head == 0 {
+                return Start {
+                    cursor: Cursor { next: 0 },
+                    next_tick_seq: self.initial_tick_seq,
+                    resumed: false,
+                };
+            }
+            // The ACK's next_seq must come from the same snapshot as the
+            // cursor, or a concurrent publish would show the client a false gap.
+            if let Some(last) = self.load(head - 1) {
+                return Start {
+                    cursor: Cursor { next: head },
+                    next_tick_seq: last.next_tick_seq,
+                    resumed: false,
+                };
+            }
+            // Lapped between the two loads (capacity publishes in between): retry.
+        }
+    }
+
+    /// A cursor at the batch holding tick `tick_seq`, if the ring still holds
+    /// it; otherwise at the live head (`resumed == false`).
+    pub fn subscribe_from(&self, tick_seq: u64) -> Start {
+        let live = self.subscribe_live();
+        let head = live.cursor.next;
+        if tick_seq >= live.next_tick_seq {
+            // Caught up (or a sequence this ring never issued): start live.
+            return Start {
+                resumed: tick_seq == live.next_tick_seq,
+                ..live
+            };
+        }
+        let oldest = head.saturating_sub(self.capacity());
+        // Binary search for the entry whose tick range holds `tick_seq`.
+        let (mut lo, mut hi) = (oldest, head);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let Some(entry) = self.load(mid) else {
+                // Overwritten while we searched: that part is gone.
+                lo = mid + 1;
+                continue;
+            };
+            if entry.next_tick_seq <= tick_seq {
+                lo = mid + 1;
+            } else if entry.first_tick_seq > tick_seq {
+                hi = mid;
+            } else {
+                return Start {
+                    cursor: Cursor { next: mid },
+                    next_tick_seq: entry.first_tick_seq,
+                    resumed: true,
+                };
+            }
+        }
+        live
+    }
+
+    /// Reads the entry at `cursor` and advances it.
+    pub fn read(&self, cursor: &mut Cursor) -> Read {
+        let head = self.published();
+        if cursor.next >= head {
+            return Read::Empty;
+        }
+        if head - cursor.next > self.capacity() {
+            return Read::Lagged;
+        }
+        match self.slots[self.index(cursor.next)].load_full() {
+            Some(entry) if entry.seq == cursor.next => {
+                cursor.next += 1;
+                Read::Entry(entry)
+            }
+            // The producer reused the slot after our load of `published`.
+            Some(entry) if entry.seq > cursor.next => Read::Lagged,
+            // Cannot happen after the Acquire load above; treat as "not yet".
+            _ => Read::Empty,
+        }
+    }
+
+    /// How many entries `cursor` is behind the head.
+    pub fn lag(&self, cursor: &Cursor) -> u64 {
+        self.published().saturating_sub(cursor.next)
+    }
+
+    /// True when `cursor` has fallen a whole ring behind.
+    pub fn is_lapped(&self, cursor: &Cursor) -> bool {
+        self.lag(cursor) > self.capacity()
+    }
+
+    /// Registers `waker` to be woken after each publish, until the returned
+    /// guard is dropped.
+    pub fn register(self: &Arc<Self>, waker: Arc<AtomicWaker>) -> Registration {
+        let (shard, key) = self.wakers.insert(waker);
+        Registration {
+            ring: self.clone(),
+            shard,
+            key,
+        }
+    }
+
+    /// Wakes every registered subscriber. Called after a publish, off the
+    /// producer's timer path: for 100k subscribers this walk takes tens of ms.
+    pub fn wake_all(&self) {
+        self.wakers.wake_all();
+    }
+
+    /// Number of registered subscribers.
+    pub fn subscribers(&self) -> usize {
+        self.wakers.len()
+    }
+
+    fn load(&self, seq: u64) -> Option<Arc<Entry>> {
+        self.slots[self.index(seq)]
+            .load_full()
+            .filter(|entry| entry.seq == seq)
+    }
+
+    fn index(&self, seq: u64) -> usize {
+        // The remainder is below `capacity`, which is a usize.
+        (seq % self.capacity()) as usize
+    }
+}
+
+/// The ring's single producer. Not `Clone`: one publisher per ring is what
+/// makes the plain `store` of `published` correct.
+pub struct Publisher {
+    ring: Arc<Ring>,
+    next_tick_seq: u64,
+}
+
+impl Publisher {
+    /// The tick sequence the next batch starts at (`DataBatch.first_seq`).
+    pub fn next_tick_seq(&self) -> u64 {
+        self.next_tick_seq
+    }
+
+    pub fn ring(&self) -> &Arc<Ring> {
+        &self.ring
+    }
+
+    /// Publishes one encoded batch of `tick_count` ticks starting at
+    /// [`Publisher::next_tick_seq`]. Does not wake anyone: call
+    /// [`Ring::wake_all`] (from a waker task) afterwards.
+    pub fn publish(&mut self, tick_count: u64, bytes: Bytes, encoded_at: Instant) -> u64 {
+        let ring = &*self.ring;
+        // Relaxed: only this publisher writes `published`.
+        let seq = ring.published.load(Ordering::Relaxed);
+        let entry = Arc::new(Entry {
+            seq,
+            first_tick_seq: self.next_tick_seq,
+            next_tick_seq: self.next_tick_seq + tick_count,
+            encoded_at,
+            bytes,
+        });
+        self.next_tick_seq += tick_count;
+        ring.slots[ring.index(seq)].store(Some(entry));
+        // Release: pairs with the readers' Acquire, after the slot is written.
+        ring.published.store(seq + 1, Ordering::Release);
+        seq
+    }
+}
+
+/// Keeps a subscriber's waker registered; unregisters on drop.
+pub struct Registration {
+    ring: Arc<Ring>,
+    shard: usize,
+    key: usize,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.ring.wakers.remove(self.shard, self.key);
+    }
+}
+
+/// Wakers sharded over several slabs, so that a subscribe or a disconnect
+/// waits for at most one shard of the wake walk, not all 100k entries.
+struct WakeRegistry {
+    shards: Box<[CachePadded<Mutex<Slab<Arc<AtomicWaker>>>>]>,
+    next_shard: AtomicUsize,
+    len: AtomicUsize,
+}
+
+const WAKE_SHARDS: usize = 64;
+
+impl WakeRegistry {
+    fn new() -> Self {
+        WakeRegistry {
+            shards: (0..WAKE_SHARDS)
+                .map(|_| CachePadded::new(Mutex::new(Slab::new())))
+                .collect(),
+            next_shard: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    fn insert(&self, waker: Arc<AtomicWaker>) -> (usize, usize) {
+        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % WAKE_SHARDS;
+        let key = self.shards[shard].lock().insert(waker);
+        self.len.fetch_add(1, Ordering::Relaxed);
+        (shard, key)
+    }
+
+    fn remove(&self, shard: usize, key: usize) {
+        self.shards[shard].lock().remove(key);
+        self.len.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    fn wake_all(&self) {
+        for shard in self.shards.iter() {
+            for (_, waker) in shard.lock().iter() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn publish_n(publisher: &mut Publisher, n: u64, ticks: u64) {
+        for _ in 0..n {
+            publisher.publish(ticks, Bytes::from_static(b"x"), Instant::now());
+        }
+    }
+
+    #[test]
+    fn reader_sees_entries_in_order_then_empty() {
+        let (ring, mut publisher) = Ring::new(4);
+        let mut cursor = ring.subscribe_live().cursor;
+        publish_n(&mut publisher, 3, 2);
+        for expect in 0..3u64 {
+            match ring.read(&mut cursor) {
+                Read::Entry(e) => {
+                    assert_eq!(e.seq, expect);
+                    assert_eq!(e.first_tick_seq, expect * 2);
+                    assert_eq!(e.next_tick_seq, expect * 2 + 2);
+                }
+                other => panic!("expected entry {expect}, got {other:?}"),
+            }
+        }
+        assert!(matches!(ring.read(&mut cursor), Read::Empty));
+    }
+
+    #[test]
+    fn lagging_reader_is_told_not_skipped() {
+        let (ring, mut publisher) = Ring::new(4);
+        let mut cursor = ring.subscribe_live().cursor;
+        publish_n(&mut publisher, 4, 1);
+        assert!(
+            !ring.is_lapped(&cursor),
+            "exactly a ring behind is still readable"
+        );
+        publish_n(&mut publisher, 1, 1);
+        assert!(ring.is_lapped(&cursor));
+        assert!(matches!(ring.read(&mut cursor), Read::Lagged));
+        assert_eq!(cursor.position(), 0, "a lagged cursor does not move");
+    }
+
+    #[test]
+    fn live_subscription_acks_the_next_batch_first_seq() {
+        let (ring, mut publisher) = Ring::starting_at(8, 100);
+        assert_eq!(ring.subscribe_live().next_tick_seq, 100);
+        publish_n(&mut publisher, 2, 5);
+        let start = ring.subscribe_live();
+        assert_eq!(start.next_tick_seq, 110);
+        let mut cursor = start.cursor;
+        publisher.publish(3, Bytes::new(), Instant::now());
+        let Read::Entry(e) = ring.read(&mut cursor) else {
+            panic!("no entry")
+        };
+        assert_eq!(e.first_tick_seq, 110);
+    }
+
+    #[test]
+    fn resume_finds_the_batch_holding_the_sequence() {
+        let (ring, mut publisher) = Ring::new(4);
+        publish_n(&mut publisher, 6, 10); // ticks 0..60; ring holds batches 2..6 (ticks 20..60)
+        let start = ring.subscribe_from(35);
+        assert!(start.resumed);
+        assert_eq!(start.next_tick_seq, 30);
+        assert_eq!(start.cursor.position(), 3);
+        // Too old: live head, not resumed; the ACK shows the gap.
+        let start = ring.subscribe_from(5);
+        assert!(!start.resumed);
+        assert_eq!(start.next_tick_seq, 60);
+        // Exactly caught up.
+        let start = ring.subscribe_from(60);
+        assert!(start.resumed);
+        assert_eq!(start.cursor.position(), 6);
+    }
+
+    #[test]
+    fn registered_wakers_are_woken_and_unregistered_on_drop() {
+        let (ring, _publisher) = Ring::new(2);
+        let waker = Arc::new(AtomicWaker::new());
+        let registration = ring.register(waker.clone());
+        assert_eq!(ring.subscribers(), 1);
+        ring.wake_all();
+        drop(registration);
+        assert_eq!(ring.subscribers(), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Publish(u8),
+        Read(usize),
+    }
+
+    proptest! {
+        /// The ring agrees with a model that keeps every batch forever:
+        /// a reader gets exactly the model's next batch, or Lagged exactly
+        /// when the model says it is more than `capacity` behind.
+        #[test]
+        fn ring_agrees_with_an_unbounded_model(
+            capacity in 1usize..6,
+            ops in proptest::collection::vec(
+                prop_oneof![(1u8..5).prop_map(Op::Publish), (0usize..3).prop_map(Op::Read)], 0..200),
+        ) {
+            let (ring, mut publisher) = Ring::new(capacity);
+            let mut model: Vec<(u64, u64)> = Vec::new();
+            let mut cursors = [ring.subscribe_live().cursor; 3];
+            let mut dead = [false; 3];
+            let mut next_tick = 0u64;
+            for op in ops {
+                match op {
+                    Op::Publish(n) => {
+                        publisher.publish(u64::from(n), Bytes::new(), Instant::now());
+                        model.push((next_tick, next_tick + u64::from(n)));
+                        next_tick += u64::from(n);
+                    }
+                    Op::Read(r) if !dead[r] => {
+                        let pos = cursors[r].position() as usize;
+                        let behind = model.len() - pos;
+                        match ring.read(&mut cursors[r]) {
+                            Read::Entry(e) => {
+                                prop_assert!(behind >= 1 && behind <= capacity);
+                                prop_assert_eq!((e.first_tick_seq, e.next_tick_seq), model[pos]);
+                            }
+                            Read::Empty => prop_assert_eq!(behind, 0),
+                            Read::Lagged => {
+                                prop_assert!(behind > capacity);
+                                dead[r] = true;
+                            }
+                        }
+                    }
+                    Op::Read(_) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! TLS 1.3 (rustls, ring provider) for the server and the client, with
+//! optional client-certificate verification (mTLS). TLS 1.2 is refused.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use thiserror::Error;
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Outgoing plaintext rustls buffers per connection. Its default (64 KiB)
+/// would let a stuck client pin 64 KiB of ciphertext on top of the kernel queue.
+pub const TLS_BUFFER_LIMIT: usize = 16 * 1024;
+
+/// A TLS setting that cannot be used.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("tls client verifier: {0}")]
+    Verifier(String),
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no CERTIFICATE in PEM file"));
+    }
+    Ok(certs)
+}
+
+/// Loads the first private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e))
+}
+
+fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| file_error(path, e))?;
+    }
+    Ok(roots)
+}
+
+/// A TLS 1.3-only acceptor; with `client_ca`, clients must present a
+/// certificate that CA signed.
+pub fn acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<TlsAcceptor, TlsError> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(root_store(ca)?),
+                provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    config.send_half_rtt_data = false;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A TLS 1.3-only connector trusting `ca`, optionally presenting a client
+/// certificate (`cert`, `key`) for mTLS.
+pub fn connector(ca: &Path, client_cert: Option<(&Path, &Path)>) -> Result<TlsConnector, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(root_store(ca)?);
+    let config = match client_cert {
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The name a client checks the server certificate against.
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(host.to_owned())
+        .map_err(|e| TlsError::Verifier(format!("server name {host:?}: {e}")))
+}
