@@ -128,8 +128,10 @@ pub async fn run(
         session_salt: rand::random(),
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    let local = listener.local_addr().ok();
-    info!(listen = ?local, tls = tls.is_some(), "serving");
+    match listener.local_addr() {
+        Ok(addr) => info!(listen = %addr, tls = tls.is_some(), "serving"),
+        Err(e) => warn!(cause = %e, "serving on an address that cannot be read back"),
+    }
 
     let next_id = AtomicU64::new(0);
     loop {

@@ -122,7 +122,7 @@ pub struct Batcher {
     window_ms: i64,
     /// The end of the last flushed window; ticks at or before it are out.
     flushed_to_ms: i64,
-    /// Synthetic schedule: tick `i` is due at `synthetic_origin_ms + i / rate`.
+    /// Synthetic schedule: tick `i` (from 0) is due at `synthetic_origin_ms + (i + 1) / rate`.
     synthetic_origin_ms: i64,
     synthetic_emitted: u64,
     ticks: Vec<Tick>,
@@ -174,7 +174,7 @@ impl Batcher {
                 self.synthetic_emitted = due - max_backlog;
             }
             for i in self.synthetic_emitted..due {
-                let at = self.synthetic_origin_ms + (u128::from(i) * 1000 / u128::from(rate)) as i64;
+                let at = self.synthetic_origin_ms + (u128::from(i + 1) * 1000 / u128::from(rate)) as i64;
                 synthetic.push(at.max(self.flushed_to_ms + 1));
             }
             self.synthetic_emitted = due;

@@ -1,49 +1,22 @@
-//! The `tickstream` binary: parses flags, sets up logging, calls the library.
+//! `tickstream serve`: checks the configuration, starts logging, the
+//! metrics exporter and the server, and turns SIGTERM/SIGINT into a drain.
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
 use tickstream::auth::USERS_ENV;
 use tickstream::config::{Config, ServeArgs};
 use tickstream::{metrics, server, telemetry};
 use tokio_util::sync::CancellationToken;
 
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// Exit code for a configuration that cannot run (as clap's usage errors).
-const EXIT_CONFIG: u8 = 2;
-
-#[derive(Parser)]
-#[command(
-    name = "tickstream",
-    version,
-    about = "TCP fan-out server for time-based tick data"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the server.
-    Serve(ServeArgs),
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => serve(args),
-    }
-}
+pub const EXIT_CONFIG: u8 = 2;
 
 fn config_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("tickstream: error: {message}");
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+pub fn run(args: ServeArgs) -> ExitCode {
     let users = std::env::var(USERS_ENV).ok();
     let config = match Config::from_args(&args, users.as_deref()) {
         Ok(config) => config,

@@ -1,0 +1,35 @@
+//! The `tickstream` binary: parses flags, sets up logging, calls the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tickstream::config::ServeArgs;
+
+mod serve;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "tickstream",
+    version,
+    about = "TCP fan-out server for time-based tick data"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+    }
+}

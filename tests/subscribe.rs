@@ -1,0 +1,122 @@
+//! AC-2 and AC-4: valid AUTH + SUBSCRIBE receive ticks, in order, without gaps.
+
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use support::*;
+use tickstream::proto::{Mode, MsgType};
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+#[tokio::test]
+async fn second_stream_delivers_one_tick_per_wall_clock_second() {
+    let server = start(config()).await;
+    let (mut client, ack) = RawClient::authenticated(server.addr).await;
+    assert_eq!(ack.acked, MsgType::Auth as i32);
+    assert_eq!(ack.session_id.len(), 16);
+    assert_eq!(ack.heartbeat_interval_ms, 15_000);
+    assert_eq!(ack.heartbeat_timeout_ms, 20_000);
+
+    client.send(&subscribe_frame(Mode::Second)).await;
+    let ack = client.recv().await.ack();
+    assert_eq!(ack.acked, MsgType::Subscribe as i32);
+    assert_eq!(ack.mode, Mode::Second as i32);
+
+    let mut expected_seq = ack.next_seq;
+    let mut last_ms = 0;
+    for _ in 0..2 {
+        let batch = client.recv().await.batch();
+        assert_eq!(batch.schema_version, 1);
+        assert_eq!(
+            batch.first_seq, expected_seq,
+            "first batch starts at the ACK's next_seq, no gaps"
+        );
+        assert_eq!(batch.ticks.len(), 1, "clock only: one tick per boundary");
+        let tick = &batch.ticks[0];
+        assert_eq!(tick.mode, Mode::Second as i32);
+        assert_eq!(tick.epoch_ms % 1000, 0, "on a second boundary");
+        assert!(tick.epoch_ms > last_ms);
+        let lateness = now_ms() - tick.epoch_ms;
+        assert!(
+            (0..1000).contains(&lateness),
+            "tick delivered {lateness} ms after its boundary"
+        );
+        let publish_ms = batch.publish_time_us / 1000;
+        assert!((tick.epoch_ms..tick.epoch_ms + 1000).contains(&publish_ms));
+        last_ms = tick.epoch_ms;
+        expected_seq += batch.ticks.len() as u64;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn both_modes_on_one_connection_each_without_gaps_and_resubscribe_is_idempotent() {
+    let mut cfg = config();
+    cfg.synthetic_rate = 400;
+    let server = start(cfg).await;
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    client.send(&subscribe_frame(Mode::Second)).await;
+    let second_ack = client.recv().await.ack();
+    client.send(&subscribe_frame(Mode::Minute)).await;
+
+    let mut next = [Some(second_ack.next_seq), None];
+    let mut counts = [0usize; 2];
+    let mut resubscribed = false;
+    while counts.iter().any(|&c| c < 20) {
+        let frame = client.recv().await;
+        if frame.frame_type == 0x06 {
+            let ack = frame.ack();
+            let mode = ack.mode as usize;
+            match next[mode] {
+                // A repeated SUBSCRIBE: ACKed at the current position, no jump.
+                Some(expected) => assert_eq!(ack.next_seq, expected),
+                None => next[mode] = Some(ack.next_seq),
+            }
+            continue;
+        }
+        let batch = frame.batch();
+        let mode = batch.ticks[0].mode as usize;
+        assert!(
+            batch.ticks.iter().all(|t| t.mode as usize == mode),
+            "one mode per batch"
+        );
+        assert_eq!(Some(batch.first_seq), next[mode], "gap in mode {mode}");
+        next[mode] = Some(batch.first_seq + batch.ticks.len() as u64);
+        counts[mode] += 1;
+        if counts[0] == 5 && !resubscribed {
+            client.send(&subscribe_frame(Mode::Second)).await;
+            resubscribed = true;
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_10k_ticks_per_second_arrives_without_loss() {
+    let mut cfg = config();
+    cfg.synthetic_rate = 10_000;
+    let server = start(cfg).await;
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    client.send(&subscribe_frame(Mode::Second)).await;
+    let ack = client.recv().await.ack();
+    let mut next = ack.next_seq;
+    let mut ticks = 0u64;
+    let mut last_ms = 0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let batch = client.recv().await.batch();
+        assert_eq!(batch.first_seq, next, "gap after {ticks} ticks");
+        for tick in &batch.ticks {
+            assert!(tick.epoch_ms >= last_ms, "ticks in time order");
+            last_ms = tick.epoch_ms;
+        }
+        next += batch.ticks.len() as u64;
+        ticks += batch.ticks.len() as u64;
+    }
+    // 3 s at 10k/s; allow for the subscription starting mid-window and timer slack.
+    assert!(ticks >= 25_000, "only {ticks} ticks in 3 s");
+    server.stop().await;
+}

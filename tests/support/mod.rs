@@ -1,0 +1,335 @@
+//! Shared test helpers: an in-process server on 127.0.0.1:0, the real
+//! binary as a child process, and a raw-frame client that checks every CRC
+//! with the independent `crc32c` crate and decodes payloads with prost
+//! directly (not through the code under test).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use prost::Message;
+use tickstream::config::Config;
+use tickstream::proto::{Ack, Auth, DataBatch, ErrorMsg, Heartbeat, Mode, Subscribe};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const USERS: &str = "alice:secret,bob:hunter2";
+/// Upper bound on any single wait in a test; a hang fails instead of blocking CI.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The contract defaults, on loopback, metrics off.
+pub fn config() -> Config {
+    Config::for_tests(USERS)
+}
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+pub async fn start(config: Config) -> TestServer {
+    let listener = tickstream::server::bind(config.listen, config.reuse_port).expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        tickstream::server::run(config, listener, token)
+            .await
+            .expect("server run");
+    });
+    TestServer { addr, shutdown, task }
+}
+
+impl TestServer {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("server stops")
+            .expect("server task");
+    }
+}
+
+/// The `tickstream` binary as a child process; killed on drop.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stderr: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `tickstream serve --listen 127.0.0.1:0 --metrics-listen off <args>`
+/// and waits for its "serving" log line to learn the port.
+pub fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tickstream"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .args(args)
+        .env("TICKSTREAM_USERS", USERS)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tickstream");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("server logged nothing before the deadline");
+        if line.contains("\"serving\"") {
+            let v: serde_json_lite::Value = serde_json_lite::parse(&line);
+            let addr = v.field("listen").parse().expect("listen address in log");
+            return ServerProcess {
+                child,
+                addr,
+                stderr: rx,
+            };
+        }
+    }
+}
+
+impl ServerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Just enough JSON for a log line's `fields.listen`.
+mod serde_json_lite {
+    pub struct Value(String);
+    pub fn parse(line: &str) -> Value {
+        Value(line.to_owned())
+    }
+    impl Value {
+        pub fn field(&self, name: &str) -> String {
+            let key = format!("\"{name}\":\"");
+            let start = self.0.find(&key).expect("field present") + key.len();
+            let end = self.0[start..].find('"').expect("closing quote") + start;
+            self.0[start..end].to_owned()
+        }
+    }
+}
+
+/// A frame as read off the wire, checked independently.
+#[derive(Debug, Clone)]
+pub struct RawFrame {
+    pub frame_type: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    pub fn ack(&self) -> Ack {
+        assert_eq!(self.frame_type, 0x06, "expected ACK, got {}", self.describe());
+        Ack::decode(&self.payload[..]).expect("ACK decodes")
+    }
+    pub fn batch(&self) -> DataBatch {
+        assert_eq!(
+            self.frame_type,
+            0x04,
+            "expected DATA_BATCH, got {}",
+            self.describe()
+        );
+        DataBatch::decode(&self.payload[..]).expect("DATA_BATCH decodes")
+    }
+    pub fn heartbeat(&self) -> Heartbeat {
+        assert_eq!(
+            self.frame_type,
+            0x03,
+            "expected HEARTBEAT, got {}",
+            self.describe()
+        );
+        Heartbeat::decode(&self.payload[..]).expect("HEARTBEAT decodes")
+    }
+    pub fn error(&self) -> ErrorMsg {
+        assert_eq!(self.frame_type, 0x05, "expected ERROR, got {}", self.describe());
+        ErrorMsg::decode(&self.payload[..]).expect("ERROR decodes")
+    }
+    pub fn describe(&self) -> String {
+        match self.frame_type {
+            0x05 => format!("ERROR {:?}", ErrorMsg::decode(&self.payload[..])),
+            t => format!("frame type {t:#04x} ({} bytes)", self.payload.len()),
+        }
+    }
+}
+
+/// Builds a frame byte by byte from the contract (independent of `frame::encode`).
+pub fn raw_frame(frame_type: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x54, 0x4B, 0x01, frame_type];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&crc32c::crc32c(payload).to_be_bytes());
+    out
+}
+
+pub fn auth_frame(user: &str, password: &str) -> Vec<u8> {
+    raw_frame(
+        0x01,
+        &Auth {
+            username: user.into(),
+            password: password.into(),
+        }
+        .encode_to_vec(),
+    )
+}
+
+pub fn subscribe_frame(mode: Mode) -> Vec<u8> {
+    raw_frame(
+        0x02,
+        &Subscribe {
+            mode: mode as i32,
+            resume_from_seq: None,
+        }
+        .encode_to_vec(),
+    )
+}
+
+pub fn heartbeat_frame(client_time_ms: i64) -> Vec<u8> {
+    raw_frame(
+        0x03,
+        &Heartbeat {
+            client_time_ms,
+            server_time_ms: 0,
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// A client that speaks raw bytes.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> RawClient {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects, authenticates as alice and returns the AUTH ACK.
+    pub async fn authenticated(addr: SocketAddr) -> (RawClient, Ack) {
+        let mut client = RawClient::connect(addr).await;
+        client.send(&auth_frame("alice", "secret")).await;
+        let ack = client.recv().await.ack();
+        (client, ack)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    /// Next frame, or `None` at EOF (or reset). Panics after [`WAIT`].
+    pub async fn try_recv(&mut self) -> Option<RawFrame> {
+        tokio::time::timeout(WAIT, self.recv_inner())
+            .await
+            .expect("a frame or EOF in time")
+    }
+
+    pub async fn recv(&mut self) -> RawFrame {
+        self.try_recv().await.expect("a frame, not EOF")
+    }
+
+    async fn recv_inner(&mut self) -> Option<RawFrame> {
+        loop {
+            if self.buf.len() >= 8 {
+                assert_eq!(&self.buf[..3], &[0x54, 0x4B, 0x01], "server frame header");
+                let len = u32::from_be_bytes(self.buf[4..8].try_into().unwrap()) as usize;
+                assert!(len <= 1 << 20, "server payload {len} over 1 MiB");
+                if self.buf.len() >= 12 + len {
+                    let frame_type = self.buf[3];
+                    let payload = self.buf[8..8 + len].to_vec();
+                    let crc = u32::from_be_bytes(self.buf[8 + len..12 + len].try_into().unwrap());
+                    assert_eq!(crc, crc32c::crc32c(&payload), "CRC32C of server frame");
+                    self.buf.advance(12 + len);
+                    return Some(RawFrame { frame_type, payload });
+                }
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => {
+                    assert!(self.buf.is_empty(), "EOF inside a frame");
+                    return None;
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Expects ERROR `code` and then the server closing the connection.
+    pub async fn expect_error(&mut self, code: &str) -> ErrorMsg {
+        let frame = self.recv().await;
+        let error = frame.error();
+        assert_eq!(error.code, code, "error message: {}", error.message);
+        self.expect_closed().await;
+        error
+    }
+
+    /// Expects EOF (no more frames).
+    pub async fn expect_closed(&mut self) {
+        if let Some(frame) = self.try_recv().await {
+            panic!("expected close, got {}", frame.describe());
+        }
+    }
+
+    /// Skips HEARTBEAT echoes; returns the next other frame.
+    pub async fn recv_skipping_heartbeats(&mut self) -> RawFrame {
+        loop {
+            let frame = self.recv().await;
+            if frame.frame_type != 0x03 {
+                return frame;
+            }
+        }
+    }
+}
