@@ -23,6 +23,8 @@
 //!
 //! PROTOCOL.md describes the wire protocol byte by byte.
 #![forbid(unsafe_code)]
+// Network input may be hostile: the library never unwraps it (tests may).
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod auth;
 pub mod config;

@@ -3,6 +3,9 @@
 //! with the independent `crc32c` crate and decodes payloads with prost
 //! directly (not through the code under test).
 #![allow(dead_code)]
+// Test helpers: a panic is the failure report, and a child left behind by a
+// failing start is reaped when the test process exits.
+#![allow(clippy::unwrap_used, clippy::zombie_processes)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -252,6 +255,14 @@ impl RawClient {
             .await
             .expect("connect in time")
             .expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub fn from_stream(stream: TcpStream) -> RawClient {
         stream.set_nodelay(true).expect("nodelay");
         RawClient {
             stream,

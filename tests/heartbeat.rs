@@ -1,0 +1,96 @@
+//! Session rule 5 and AC-3: heartbeats are echoed, keep a client alive, and
+//! silence closes the connection inside [timeout, timeout + max(250ms, 10%)].
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tickstream::proto::Mode;
+
+const INTERVAL: Duration = Duration::from_millis(200);
+const TIMEOUT: Duration = Duration::from_millis(800);
+/// The contract's upper slack: max(250ms, 10% of the timeout).
+const SLACK: Duration = Duration::from_millis(250);
+
+fn short_heartbeats() -> tickstream::Config {
+    let mut cfg = config();
+    cfg.heartbeat_interval = INTERVAL;
+    cfg.heartbeat_timeout = TIMEOUT;
+    cfg
+}
+
+#[tokio::test]
+async fn ack_advertises_the_configured_heartbeat() {
+    let server = start(short_heartbeats()).await;
+    let (_client, ack) = RawClient::authenticated(server.addr).await;
+    assert_eq!(ack.heartbeat_interval_ms, 200);
+    assert_eq!(ack.heartbeat_timeout_ms, 800);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_within_the_bound_while_a_heartbeating_one_stays() {
+    let server = start(short_heartbeats()).await;
+    let (mut silent, _) = RawClient::authenticated(server.addr).await;
+    let acked_at = Instant::now();
+    let (mut alive, _) = RawClient::authenticated(server.addr).await;
+    alive.send(&subscribe_frame(Mode::Second)).await;
+    alive.recv().await.ack();
+
+    let silent_task = tokio::spawn(async move {
+        silent.expect_error("HEARTBEAT_TIMEOUT").await;
+        acked_at.elapsed()
+    });
+
+    // The live client heartbeats for well past the timeout and gets every echo.
+    let mut echoes = 0;
+    let mut ticks = 0;
+    let start = Instant::now();
+    let mut sent_ms = 0i64;
+    while start.elapsed() < TIMEOUT * 3 {
+        sent_ms += 1;
+        alive.send(&heartbeat_frame(sent_ms)).await;
+        let deadline = tokio::time::Instant::now() + INTERVAL;
+        // Read until the echo of this heartbeat, counting data on the way.
+        loop {
+            let frame = alive.recv().await;
+            match frame.frame_type {
+                0x03 => {
+                    let echo = frame.heartbeat();
+                    assert_eq!(echo.client_time_ms, sent_ms);
+                    assert!(echo.server_time_ms > 1_600_000_000_000);
+                    echoes += 1;
+                    break;
+                }
+                0x04 => ticks += frame.batch().ticks.len(),
+                _ => panic!("unexpected {}", frame.describe()),
+            }
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+    assert!(echoes >= 8, "{echoes} echoes");
+    assert!(ticks >= 1, "the heartbeating client kept receiving ticks");
+
+    let closed_after = silent_task.await.unwrap();
+    assert!(
+        closed_after >= TIMEOUT,
+        "closed before the timeout: {closed_after:?}"
+    );
+    assert!(
+        closed_after <= TIMEOUT + SLACK,
+        "closed too late: {closed_after:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_before_any_subscribe_are_fine() {
+    let server = start(short_heartbeats()).await;
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    for i in 0..3 {
+        client.send(&heartbeat_frame(i)).await;
+        assert_eq!(client.recv().await.heartbeat().client_time_ms, i);
+    }
+    server.stop().await;
+}
