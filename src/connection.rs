@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::error::FrameError;
 use crate::frame::{self, Frame};
@@ -24,13 +24,12 @@ use crate::frame::{self, Frame};
 /// Most frames gathered into one `writev` (IOV_MAX is 1024; past ~64 small
 /// iovecs the kernel's per-iovec work starts to show).
 pub const MAX_IOVECS: usize = 64;
-/// Bytes read per `read` call at most when the buffer has no room.
-const READ_CHUNK: usize = 512;
-/// An idle buffer larger than this is released, so an idle connection does
-/// not keep a big frame's allocation alive.
-const KEEP_BUFFER: usize = 4096;
-/// A drained queue larger than this is released for the same reason.
-const KEEP_QUEUE: usize = 16;
+/// Bytes read per `read` call when the buffer has no room. Client frames
+/// are tiny (a HEARTBEAT is 22 bytes), so this is plenty.
+const READ_CHUNK: usize = 256;
+/// A drained write queue with more slots than this is released, so an idle
+/// connection does not keep a burst's allocation alive.
+const KEEP_QUEUE: usize = 8;
 
 /// A read that did not produce a frame.
 #[derive(Debug, Error)]
@@ -77,21 +76,37 @@ where
     }
 
     /// Polls for the next frame. `Ready(Ok(None))` is a clean end of stream.
+    ///
+    /// An idle connection holds no read buffer: while nothing is buffered,
+    /// bytes are read into a stack array and copied out only when they arrive.
     pub fn poll_read_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame>, ReadError>> {
         loop {
             if let Some(frame) = frame::decode(&mut self.read_buf, self.max_payload)? {
-                if self.read_buf.is_empty() && self.read_buf.capacity() > KEEP_BUFFER {
+                if self.read_buf.is_empty() {
                     self.read_buf = BytesMut::new();
                 }
                 return Poll::Ready(Ok(Some(frame)));
             }
-            if self.read_buf.capacity() == self.read_buf.len() {
-                self.read_buf.reserve(READ_CHUNK);
-            }
-            let n = match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buf) {
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
-                Poll::Pending => return Poll::Pending,
+            let n = if self.read_buf.capacity() == 0 {
+                let mut stack = [0u8; READ_CHUNK];
+                let mut buf = ReadBuf::new(&mut stack);
+                match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {
+                        self.read_buf.extend_from_slice(buf.filled());
+                        buf.filled().len()
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => return Poll::Pending,
+                }
+            } else {
+                if self.read_buf.capacity() == self.read_buf.len() {
+                    self.read_buf.reserve(READ_CHUNK);
+                }
+                match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buf) {
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                    Poll::Pending => return Poll::Pending,
+                }
             };
             if n == 0 {
                 return Poll::Ready(if self.read_buf.is_empty() {
@@ -207,9 +222,7 @@ where
         let mut seen = 0;
         while seen < limit {
             self.read_buf.clear();
-            if self.read_buf.capacity() < READ_CHUNK {
-                self.read_buf.reserve(READ_CHUNK);
-            }
+            self.read_buf.reserve(READ_CHUNK);
             match poll_fn(|cx| {
                 tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buf)
             })
