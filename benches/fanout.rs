@@ -16,7 +16,7 @@ use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tickstream::connection::Connection;
-use tickstream::ring::{Entry, Read, Ring};
+use tickstream::ring::{Cursor, Entry, Read, Ring};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
@@ -59,10 +59,26 @@ impl AsRef<[u8]> for Shared {
     }
 }
 
+/// How writers learn that a batch was published.
+#[derive(Clone, Copy)]
+enum Wake {
+    /// tickstream's choice: one AtomicWaker per writer in the ring's sharded registry.
+    Registry,
+    /// The simplest alternative: `Notify::notify_waiters`, every waiter re-registering
+    /// under the Notify's mutex after each wake.
+    NotifyWaiters,
+}
+
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout_one_batch_to_n_writers");
     group.measurement_time(Duration::from_secs(4)).sample_size(20);
-    for flavor in ["current_thread", "multi_thread_2"] {
+    let cases = [
+        ("current_thread", Wake::Registry, "registry"),
+        ("multi_thread_2", Wake::Registry, "registry"),
+        ("current_thread", Wake::NotifyWaiters, "notify_waiters"),
+        ("multi_thread_2", Wake::NotifyWaiters, "notify_waiters"),
+    ];
+    for (flavor, wake, wake_name) in cases {
         for n in [100usize, 1000, 10_000] {
             let runtime = match flavor {
                 "current_thread" => tokio::runtime::Builder::new_current_thread().build(),
@@ -70,32 +86,41 @@ fn fanout(c: &mut Criterion) {
             }
             .expect("runtime");
             let (ring, mut publisher) = Ring::new(1024);
+            let notify = Arc::new(Notify::new());
             let delivered = Arc::new(AtomicUsize::new(0));
+            let ready = Arc::new(AtomicUsize::new(0));
             let all_done = Arc::new(Notify::new());
             for _ in 0..n {
                 let ring = ring.clone();
+                let notify = notify.clone();
                 let delivered = delivered.clone();
+                let ready = ready.clone();
                 let all_done = all_done.clone();
                 runtime.spawn(async move {
                     let waker = Arc::new(AtomicWaker::new());
                     let _registration = ring.register(waker.clone());
                     let mut cursor = ring.subscribe_live().cursor;
                     let mut conn: Connection<NullStream, Shared> = Connection::new(NullStream, 1024);
+                    ready.fetch_add(1, Ordering::AcqRel);
                     loop {
-                        poll_fn(|cx| {
-                            waker.register(cx.waker());
-                            let mut got = false;
-                            while let Read::Entry(entry) = ring.read(&mut cursor) {
-                                conn.enqueue(Shared(entry));
-                                got = true;
+                        match wake {
+                            Wake::Registry => {
+                                poll_fn(|cx| {
+                                    waker.register(cx.waker());
+                                    gather(&ring, &mut cursor, &mut conn)
+                                })
+                                .await
                             }
-                            if got {
-                                Poll::Ready(())
-                            } else {
-                                Poll::Pending
-                            }
-                        })
-                        .await;
+                            Wake::NotifyWaiters => loop {
+                                // Create the Notified before checking, so a publish in
+                                // between is not lost.
+                                let notified = notify.notified();
+                                if gather(&ring, &mut cursor, &mut conn).is_ready() {
+                                    break;
+                                }
+                                notified.await;
+                            },
+                        }
                         let sent = conn.queued();
                         conn.flush().await.expect("null stream");
                         if delivered.fetch_add(sent, Ordering::AcqRel) + sent == n {
@@ -106,11 +131,11 @@ fn fanout(c: &mut Criterion) {
             }
             let frame = Bytes::from(vec![0u8; 512]);
             group.throughput(Throughput::Elements(n as u64));
-            group.bench_function(BenchmarkId::new(flavor, n), |bench| {
+            group.bench_function(BenchmarkId::new(format!("{flavor}/{wake_name}"), n), |bench| {
                 bench.iter_custom(|iters| {
                     runtime.block_on(async {
                         // Every task registers before timing starts.
-                        while ring.subscribers() < n {
+                        while ready.load(Ordering::Acquire) < n {
                             tokio::task::yield_now().await;
                         }
                         let start = Instant::now();
@@ -118,7 +143,10 @@ fn fanout(c: &mut Criterion) {
                             delivered.store(0, Ordering::Release);
                             let done = all_done.notified();
                             publisher.publish(1, frame.clone(), Instant::now());
-                            ring.wake_all();
+                            match wake {
+                                Wake::Registry => ring.wake_all(),
+                                Wake::NotifyWaiters => notify.notify_waiters(),
+                            }
                             done.await;
                         }
                         start.elapsed()
@@ -129,6 +157,20 @@ fn fanout(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// Moves every entry after `cursor` into `conn`'s queue; ready if any.
+fn gather(ring: &Ring, cursor: &mut Cursor, conn: &mut Connection<NullStream, Shared>) -> Poll<()> {
+    let mut got = false;
+    while let Read::Entry(entry) = ring.read(cursor) {
+        conn.enqueue(Shared(entry));
+        got = true;
+    }
+    if got {
+        Poll::Ready(())
+    } else {
+        Poll::Pending
+    }
 }
 
 criterion_group!(benches, fanout);
