@@ -82,7 +82,9 @@ fn fanout(c: &mut Criterion) {
         for n in [100usize, 1000, 10_000] {
             let runtime = match flavor {
                 "current_thread" => tokio::runtime::Builder::new_current_thread().build(),
-                _ => tokio::runtime::Builder::new_multi_thread().worker_threads(2).build(),
+                _ => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .build(),
             }
             .expect("runtime");
             let (ring, mut publisher) = Ring::new(1024);

@@ -49,7 +49,9 @@ fn wake_walk(c: &mut Criterion) {
             let (ring, _publisher) = Ring::new(16);
             // Registered but with no task waker stored: measures the walk and
             // the AtomicWaker state check, not the scheduler.
-            let _registrations: Vec<_> = (0..n).map(|_| ring.register(Arc::new(AtomicWaker::new()))).collect();
+            let _registrations: Vec<_> = (0..n)
+                .map(|_| ring.register(Arc::new(AtomicWaker::new())))
+                .collect();
             bench.iter(|| ring.wake_all());
         });
     }

@@ -109,6 +109,13 @@ async fn a_burst_of_10k_ticks_per_second_arrives_without_loss() {
     while start.elapsed() < Duration::from_secs(3) {
         let batch = client.recv().await.batch();
         assert_eq!(batch.first_seq, next, "gap after {ticks} ticks");
+        // One batch holds the ticks of one window (k*5ms, (k+1)*5ms].
+        let window = |ms: i64| (ms + 4) / 5;
+        let first_window = window(batch.ticks[0].epoch_ms);
+        assert!(
+            batch.ticks.iter().all(|t| window(t.epoch_ms) == first_window),
+            "batch spans windows"
+        );
         for tick in &batch.ticks {
             assert!(tick.epoch_ms >= last_ms, "ticks in time order");
             last_ms = tick.epoch_ms;
@@ -118,5 +125,53 @@ async fn a_burst_of_10k_ticks_per_second_arrives_without_loss() {
     }
     // 3 s at 10k/s; allow for the subscription starting mid-window and timer slack.
     assert!(ticks >= 25_000, "only {ticks} ticks in 3 s");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn minute_stream_ticks_on_the_minute_boundary() {
+    let server = start(config()).await;
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    client.send(&subscribe_frame(Mode::Minute)).await;
+    let ack = client.recv().await.ack();
+    assert_eq!(ack.mode, Mode::Minute as i32);
+    // The next minute boundary is at most 60 s away.
+    let batch = client.recv_within(Duration::from_secs(62)).await.batch();
+    assert_eq!(batch.first_seq, ack.next_seq);
+    assert_eq!(batch.ticks.len(), 1);
+    assert_eq!(batch.ticks[0].mode, Mode::Minute as i32);
+    assert_eq!(batch.ticks[0].epoch_ms % 60_000, 0);
+    let lateness = now_ms() - batch.ticks[0].epoch_ms;
+    assert!((0..1000).contains(&lateness), "minute tick {lateness} ms late");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_window_over_one_mebibyte_is_split_into_contiguous_batches() {
+    let mut cfg = config();
+    cfg.batch_window = Duration::from_secs(1);
+    cfg.synthetic_rate = 100_000;
+    let server = start(cfg).await;
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    client.send(&subscribe_frame(Mode::Second)).await;
+    let mut next = client.recv().await.ack().next_seq;
+    // Two whole windows: each holds ~100k ticks, more than one 1 MiB batch fits.
+    let mut sizes = Vec::new();
+    while sizes.len() < 4 {
+        let frame = client.recv().await;
+        assert!(
+            frame.payload.len() <= 1 << 20,
+            "payload {} > 1 MiB",
+            frame.payload.len()
+        );
+        let batch = frame.batch();
+        assert_eq!(batch.first_seq, next);
+        next += batch.ticks.len() as u64;
+        sizes.push(batch.ticks.len());
+    }
+    assert!(
+        sizes.iter().any(|&n| n == tickstream::tick::MAX_TICKS_PER_BATCH),
+        "no full batch: {sizes:?}"
+    );
     server.stop().await;
 }

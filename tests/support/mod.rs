@@ -289,6 +289,14 @@ impl RawClient {
             .expect("a frame or EOF in time")
     }
 
+    /// Next frame within `limit` (for waits longer than [`WAIT`]).
+    pub async fn recv_within(&mut self, limit: Duration) -> RawFrame {
+        tokio::time::timeout(limit, self.recv_inner())
+            .await
+            .expect("a frame in time")
+            .expect("a frame, not EOF")
+    }
+
     pub async fn recv(&mut self) -> RawFrame {
         self.try_recv().await.expect("a frame, not EOF")
     }
