@@ -170,7 +170,7 @@ async fn a_window_over_one_mebibyte_is_split_into_contiguous_batches() {
         sizes.push(batch.ticks.len());
     }
     assert!(
-        sizes.iter().any(|&n| n == tickstream::tick::MAX_TICKS_PER_BATCH),
+        sizes.contains(&tickstream::tick::MAX_TICKS_PER_BATCH),
         "no full batch: {sizes:?}"
     );
     server.stop().await;
