@@ -65,11 +65,18 @@ pub struct ServerProcess {
 }
 
 /// Starts `tickstream serve --listen 127.0.0.1:0 --metrics-listen off <args>`
-/// and waits for its "serving" log line to learn the port.
+/// and waits for its "serving" log line to learn the port. clap refuses a
+/// flag given twice, so `--metrics-listen off` is left out when `args` names
+/// its own `--metrics-listen`.
+// The child is waited for by `ServerProcess::drop`.
+#[allow(clippy::zombie_processes)]
 pub fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tickstream"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
-        .args(args)
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+    if !args.contains(&"--metrics-listen") {
+        cmd.args(["--metrics-listen", "off"]);
+    }
+    cmd.args(args)
         .env("TICKSTREAM_USERS", USERS)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
@@ -286,12 +293,12 @@ impl RawClient {
         loop {
             if self.buf.len() >= 8 {
                 assert_eq!(&self.buf[..3], &[0x54, 0x4B, 0x01], "server frame header");
-                let len = u32::from_be_bytes(self.buf[4..8].try_into().unwrap()) as usize;
+                let len = u32::from_be_bytes(self.buf[4..8].try_into().expect("4 bytes")) as usize;
                 assert!(len <= 1 << 20, "server payload {len} over 1 MiB");
                 if self.buf.len() >= 12 + len {
                     let frame_type = self.buf[3];
                     let payload = self.buf[8..8 + len].to_vec();
-                    let crc = u32::from_be_bytes(self.buf[8 + len..12 + len].try_into().unwrap());
+                    let crc = u32::from_be_bytes(self.buf[8 + len..12 + len].try_into().expect("4 bytes"));
                     assert_eq!(crc, crc32c::crc32c(&payload), "CRC32C of server frame");
                     self.buf.advance(12 + len);
                     return Some(RawFrame { frame_type, payload });
@@ -332,4 +339,102 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A loopback port nothing listens on right now (bound to :0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// `GET /metrics` over plain HTTP/1.1; returns the body. `None` while the
+/// endpoint does not answer yet.
+pub async fn try_scrape(metrics: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect(metrics).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let response = String::from_utf8(response).expect("metrics are UTF-8");
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    assert!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    Some(if chunked { dechunk(body) } else { body.to_owned() })
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+/// The value of the sample `series` (name with labels exactly as exposed,
+/// e.g. `errors_sent_total{code="BAD_MAGIC"}`), if present.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Scrapes until `series` is at least `min`, or panics after [`WAIT`] with
+/// the last exposition. Returns that exposition.
+pub async fn scrape_until(metrics: SocketAddr, series: &str, min: f64) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = try_scrape(metrics).await.unwrap_or_default();
+        if sample(&body, series).is_some_and(|v| v >= min) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {min}; last scrape:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl RawClient {
+    /// Connects from the loopback source address `source` (any of 127.0.0.0/8
+    /// works on Linux), so tests can act as several client IPs.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind source address");
+        let stream = tokio::time::timeout(WAIT, socket.connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+/// Fails with a clear message when an external tool the test drives is not
+/// installed (CI installs it from scripts/test-deps.txt; tests never skip).
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed: this test drives the real tool. Install the Debian \
+         package `{package}` (listed in scripts/test-deps.txt; the test command installs it)"
+    );
 }
