@@ -83,15 +83,41 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tls::TlsError> {
+    run_with_reload(config, listener, shutdown, TlsReload::default()).await
+}
+
+/// Asks a running server to re-read its TLS certificate, key and client CA
+/// (the binary calls [`TlsReload::request`] on SIGHUP). New connections use
+/// the new files; open connections are not touched. A request made while the
+/// server is busy is kept, not lost.
+#[derive(Clone, Default)]
+pub struct TlsReload(Arc<Notify>);
+
+impl TlsReload {
+    pub fn request(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// [`run`], with a handle that reloads the TLS files.
+pub async fn run_with_reload(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    reload: TlsReload,
+) -> Result<(), tls::TlsError> {
     let tls = match &config.tls {
-        Some(files) => Some(tls::acceptor(
+        Some(files) => Some(Arc::new(tls::ReloadableAcceptor::load(
             &files.cert,
             &files.key,
             files.client_ca.as_deref(),
-        )?),
+        )?)),
         None => None,
     };
     let tracker = TaskTracker::new();
+    if let Some(tls) = tls.clone() {
+        tracker.spawn(reload_tls_on_request(tls, reload, shutdown.clone()));
+    }
     let metrics = Metrics::new();
     let rings = [Mode::Second, Mode::Minute].map(|mode| {
         let (ring, publisher) = Ring::new(config.ring_capacity);
@@ -165,12 +191,12 @@ pub async fn run(
         };
         tune_socket(&stream, config.send_buffer);
         let shared = shared.clone();
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(|tls| tls.current());
         tracker.spawn(async move {
             let _admitted = (permit, ip_slot);
             metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1.0);
             match tls {
-                Some(acceptor) => handshake_then_serve(acceptor, stream, peer, conn_id, &shared).await,
+                Some(acceptor) => handshake_then_serve(&acceptor, stream, peer, conn_id, &shared).await,
                 None => serve(stream, peer, conn_id, &shared).await,
             }
             metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1.0);
@@ -269,8 +295,31 @@ async fn reject(mut stream: TcpStream, reason: &'static str) {
     .await;
 }
 
+async fn reload_tls_on_request(
+    tls: Arc<tls::ReloadableAcceptor>,
+    reload: TlsReload,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = reload.0.notified() => {}
+        }
+        match tls.reload() {
+            Ok(()) => {
+                metrics::counter!(m::TLS_RELOADS_TOTAL, "result" => "ok").increment(1);
+                info!("tls certificate reloaded");
+            }
+            Err(e) => {
+                metrics::counter!(m::TLS_RELOADS_TOTAL, "result" => "error").increment(1);
+                warn!(cause = %e, "tls reload failed; keeping the previous certificate");
+            }
+        }
+    }
+}
+
 async fn handshake_then_serve(
-    acceptor: TlsAcceptor,
+    acceptor: &TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
     conn_id: u64,

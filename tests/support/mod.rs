@@ -13,7 +13,7 @@ use bytes::{Buf, BytesMut};
 use prost::Message;
 use tickstream::config::Config;
 use tickstream::proto::{Ack, Auth, DataBatch, ErrorMsg, Heartbeat, Mode, Subscribe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -248,9 +248,25 @@ pub fn heartbeat_frame(client_time_ms: i64) -> Vec<u8> {
 }
 
 /// A client that speaks raw bytes.
-pub struct RawClient {
-    pub stream: TcpStream,
+pub struct RawClient<S = TcpStream> {
+    pub stream: S,
     buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    /// Speaks raw frames over an already connected stream (e.g. TLS).
+    pub fn over(stream: S) -> RawClient<S> {
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends AUTH as alice and returns the ACK.
+    pub async fn authenticate(&mut self) -> Ack {
+        self.send(&auth_frame("alice", "secret")).await;
+        self.recv().await.ack()
+    }
 }
 
 impl RawClient {
@@ -273,7 +289,9 @@ impl RawClient {
         let ack = client.recv().await.ack();
         (client, ack)
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("send");
     }
@@ -437,4 +455,73 @@ pub fn require_tool(tool: &str, package: &str) {
         "`{tool}` is not installed: this test drives the real tool. Install the Debian \
          package `{package}` (listed in scripts/test-deps.txt; the test command installs it)"
     );
+}
+
+impl ServerProcess {
+    /// Waits (at most [`WAIT`]) for a stderr line containing `needle`;
+    /// returns it. Lines before it are consumed and returned in `skipped`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .stderr
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("server never logged {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Every stderr line logged so far (without waiting).
+    pub fn drain_log(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+/// Runs `cmd` with stdin from /dev/null, killing it after `limit`; returns
+/// the exit status (`None` if it had to be killed) and stdout+stderr (lossy
+/// UTF-8: a tool may print the server's binary frames).
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tool");
+    let (mut out, mut err) = (
+        child.stdout.take().expect("stdout"),
+        child.stderr.take().expect("stderr"),
+    );
+    let readers = [
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut out, &mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        }),
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut err, &mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        }),
+    ];
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader thread"))
+        .collect::<Vec<_>>()
+        .join("");
+    (status, output)
 }
