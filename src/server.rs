@@ -39,7 +39,7 @@ use crate::frame::{self, Frame, MAX_CLIENT_PAYLOAD};
 use crate::metrics::{self as m, Metrics};
 use crate::proto::Mode;
 use crate::ring::{Cursor, Entry, Read, Registration, Ring};
-use crate::session::{self, Outcome, Session, Timing};
+use crate::session::{self, AuthAttempt, Outcome, Session, Timing};
 use crate::tick::{self, ProducerConfig};
 use crate::tls;
 
@@ -54,6 +54,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const CLOSE_DRAIN_LIMIT: usize = 64 * 1024;
 /// Refill-and-write rounds per wake before yielding to other tasks.
 const MAX_WRITE_ROUNDS: usize = 8;
+/// argon2id checks running at once (each takes ~19 MiB and a core for tens
+/// of milliseconds); more AUTHs wait for a slot within their auth timeout.
+const MAX_CONCURRENT_HASH_CHECKS: usize = 4;
 /// Pause after accept fails with EMFILE/ENFILE: the listener stays readable,
 /// so retrying at once would spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -152,6 +155,7 @@ pub async fn run_with_reload(
         per_ip: Mutex::new(HashMap::new()),
         max_per_ip: config.max_connections_per_ip,
         session_salt: rand::random(),
+        hash_checks: Semaphore::new(MAX_CONCURRENT_HASH_CHECKS),
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
     match listener.local_addr() {
@@ -231,6 +235,8 @@ struct Shared {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_per_ip: usize,
     session_salt: u64,
+    /// Slots for argon2id checks running on the blocking pool.
+    hash_checks: Semaphore,
 }
 
 impl Shared {
@@ -438,7 +444,15 @@ where
 
         match event {
             Event::Frame(frame) => {
-                let outcome = session.on_frame(frame, Instant::now(), &shared.credentials, &shared.limiter);
+                let mut outcome =
+                    session.on_frame(frame, Instant::now(), &shared.credentials, &shared.limiter);
+                if let Ok(Outcome::CheckCredentials(attempt)) = outcome {
+                    let Some((attempt, valid)) = check_credentials(attempt, session.deadline(), shared).await
+                    else {
+                        break Some(session.timeout_error());
+                    };
+                    outcome = session.on_credentials_checked(attempt, valid, Instant::now(), &shared.limiter);
+                }
                 match outcome {
                     Ok(Outcome::Authenticated { user: name, ack }) => {
                         debug!(conn_id, %peer, user = %name, "authenticated");
@@ -453,6 +467,10 @@ where
                         conn.enqueue(Outgoing::Control(session::subscribe_ack(mode, next_seq)));
                     }
                     Ok(Outcome::Heartbeat { reply }) => conn.enqueue(Outgoing::Control(reply)),
+                    Ok(Outcome::CheckCredentials(_)) => {
+                        // on_credentials_checked never hands the check back again.
+                        break Some(SessionError::ProtocolViolation("credentials checked twice"));
+                    }
                     Err(e) => break Some(e),
                 }
                 if timer.deadline() != session.deadline() {
@@ -497,6 +515,32 @@ where
             info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error")
         }
     }
+}
+
+/// Runs a slow (argon2id) credential check on the blocking pool, at most
+/// [`MAX_CONCURRENT_HASH_CHECKS`] at once, so a flood of AUTHs costs bounded
+/// CPU and memory and never stalls the reactor. `None` when `deadline` (the
+/// auth timeout) passes first.
+async fn check_credentials(
+    attempt: AuthAttempt,
+    deadline: Instant,
+    shared: &Arc<Shared>,
+) -> Option<(AuthAttempt, bool)> {
+    let shared = shared.clone();
+    tokio::time::timeout_at(deadline, async move {
+        // The semaphore is never closed, so acquire() does not fail.
+        let _slot = shared.hash_checks.acquire().await.ok()?;
+        let checker = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let valid = checker.credentials.verify(&attempt.username, &attempt.password);
+            (attempt, valid)
+        })
+        .await
+        .ok()
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 fn record_close(code: ErrorCode, error: &SessionError, _shared: &Shared) {
