@@ -40,6 +40,7 @@ use crate::metrics::{self as m, Metrics};
 use crate::proto::Mode;
 use crate::ring::{Cursor, Entry, Read, Registration, Ring};
 use crate::session::{self, AuthAttempt, Outcome, Session, Timing};
+use crate::telemetry::LogBudget;
 use crate::tick::{self, ProducerConfig};
 use crate::tls;
 
@@ -156,6 +157,7 @@ pub async fn run_with_reload(
         max_per_ip: config.max_connections_per_ip,
         session_salt: rand::random(),
         hash_checks: Semaphore::new(MAX_CONCURRENT_HASH_CHECKS),
+        close_log: LogBudget::new(),
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
     match listener.local_addr() {
@@ -237,6 +239,8 @@ struct Shared {
     session_salt: u64,
     /// Slots for argon2id checks running on the blocking pool.
     hash_checks: Semaphore,
+    /// Rate limit of "connection closed with error" log lines.
+    close_log: LogBudget,
 }
 
 impl Shared {
@@ -444,6 +448,10 @@ where
 
         match event {
             Event::Frame(frame) => {
+                if let (None, Frame::Auth(auth)) = (&user, &frame) {
+                    // Logged on a failed AUTH too: which name a guesser tries.
+                    user = Some(auth.username.clone());
+                }
                 let mut outcome =
                     session.on_frame(frame, Instant::now(), &shared.credentials, &shared.limiter);
                 if let Ok(Outcome::CheckCredentials(attempt)) = outcome {
@@ -509,12 +517,22 @@ where
         }
     })
     .await;
-    match code {
-        ErrorCode::ServerShutdown => debug!(conn_id, %peer, user, code = code.as_str(), "connection closed"),
-        _ => {
-            info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error")
-        }
+    if code == ErrorCode::ServerShutdown {
+        debug!(conn_id, %peer, user, code = code.as_str(), "connection closed");
+        return;
     }
+    // A scanner can make thousands of these a second: the log gets a burst
+    // and a count, the metrics (record_close above) get every one.
+    let Some(suppressed) = shared.close_log.admit(std::time::Instant::now()) else {
+        return;
+    };
+    if suppressed > 0 {
+        warn!(
+            suppressed,
+            "connection-closed log lines held back by the log rate limit"
+        );
+    }
+    info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error");
 }
 
 /// Runs a slow (argon2id) credential check on the blocking pool, at most
