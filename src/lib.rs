@@ -17,6 +17,7 @@
 //! - [`tick`]: clock boundaries, synthetic load, batching, encode once.
 //! - [`connection`]: framed reads and vectored writes over TCP or TLS.
 //! - [`tls`]: rustls TLS 1.3 server and client configuration, mTLS.
+//! - [`proxy`]: PROXY protocol v1/v2 headers from a load balancer.
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
 //! - [`server`]: accept loop, connection tasks, shutdown.
 //! - [`telemetry`]: JSON logs.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod frame;
 pub mod metrics;
 pub mod proto;
+pub mod proxy;
 pub mod ring;
 pub mod server;
 pub mod session;

@@ -38,6 +38,7 @@ use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, Frame, MAX_CLIENT_PAYLOAD};
 use crate::metrics::{self as m, Metrics};
 use crate::proto::Mode;
+use crate::proxy::{self, Prefixed};
 use crate::ring::{Cursor, Entry, Read, Registration, Ring};
 use crate::session::{self, AuthAttempt, Outcome, Session, Timing};
 use crate::telemetry::LogBudget;
@@ -183,11 +184,16 @@ pub async fn run_with_reload(
         };
         metrics::counter!(m::CONNECTIONS_ACCEPTED_TOTAL).increment(1);
         let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
+        let proxy_protocol = config.proxy_protocol;
         let admission = limit
             .clone()
             .try_acquire_owned()
             .map_err(|_| "server is at --max-connections")
-            .and_then(|permit| shared.admit_ip(peer.ip()).map(|ip_slot| (permit, ip_slot)));
+            .and_then(|permit| match proxy_protocol {
+                // The per-IP count waits for the real address in the header.
+                true => Ok((permit, None)),
+                false => shared.admit_ip(peer.ip()).map(|ip_slot| (permit, ip_slot)),
+            });
         let (permit, ip_slot) = match admission {
             Ok(admitted) => admitted,
             Err(reason) => {
@@ -199,6 +205,13 @@ pub async fn run_with_reload(
         let shared = shared.clone();
         let tls = tls.as_ref().map(|tls| tls.current());
         tracker.spawn(async move {
+            let (stream, peer, ip_slot) = match proxy_protocol {
+                true => match behind_proxy(stream, peer, conn_id, &shared).await {
+                    Some(admitted) => admitted,
+                    None => return,
+                },
+                false => (Prefixed::new(Bytes::new(), stream), peer, ip_slot),
+            };
             let _admitted = (permit, ip_slot);
             metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1.0);
             match tls {
@@ -293,8 +306,43 @@ fn tune_socket(stream: &TcpStream, send_buffer: usize) {
     }
 }
 
+/// With --proxy-protocol: reads the header, then counts the client's real
+/// address against --max-connections-per-ip. `None` when the connection was
+/// refused or closed.
+async fn behind_proxy(
+    stream: TcpStream,
+    balancer: SocketAddr,
+    conn_id: u64,
+    shared: &Arc<Shared>,
+) -> Option<(Prefixed<TcpStream>, SocketAddr, Option<IpSlot>)> {
+    let header = tokio::time::timeout(shared.timing.auth_timeout, proxy::read_header(stream)).await;
+    let (source, stream) = match header {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(e)) => {
+            metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "proxy_header").increment(1);
+            if shared.close_log.admit(std::time::Instant::now()).is_some() {
+                info!(conn_id, peer = %balancer, cause = %e, "bad PROXY protocol header");
+            }
+            return None;
+        }
+        Err(_) => {
+            metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "proxy_header_timeout").increment(1);
+            return None;
+        }
+    };
+    // LOCAL / UNKNOWN headers (balancer health checks) keep the socket's address.
+    let peer = source.unwrap_or(balancer);
+    match shared.admit_ip(peer.ip()) {
+        Ok(ip_slot) => Some((stream, peer, ip_slot)),
+        Err(reason) => {
+            reject(stream, reason).await;
+            None
+        }
+    }
+}
+
 /// Tells a connection over a limit why, then closes it.
-async fn reject(mut stream: TcpStream, reason: &'static str) {
+async fn reject<S: AsyncWrite + Unpin>(mut stream: S, reason: &'static str) {
     metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => if reason.contains("per-ip") { "per_ip" } else { "max_connections" }).increment(1);
     metrics::counter!(m::ERRORS_SENT_TOTAL, "code" => ErrorCode::TooManyConnections.as_str()).increment(1);
     let frame = frame::encode_error(ErrorCode::TooManyConnections, reason);
@@ -330,7 +378,7 @@ async fn reload_tls_on_request(
 
 async fn handshake_then_serve(
     acceptor: &TlsAcceptor,
-    stream: TcpStream,
+    stream: Prefixed<TcpStream>,
     peer: SocketAddr,
     conn_id: u64,
     shared: &Arc<Shared>,

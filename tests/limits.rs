@@ -182,3 +182,31 @@ fn a_malformed_hash_in_tickstream_users_is_a_config_error() {
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
     assert!(stderr.contains("not an argon2id PHC hash"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_proxy_v1_header_supplies_the_address_for_per_ip_limits() {
+    let mut cfg = config();
+    cfg.proxy_protocol = true;
+    cfg.max_connections_per_ip = 1;
+    let server = start(cfg).await;
+    let header = |ip: &str| format!("PROXY TCP4 {ip} 127.0.0.1 50000 7000\r\n").into_bytes();
+
+    let mut first = RawClient::connect(server.addr).await;
+    first
+        .send(&[header("203.0.113.9"), auth_frame("alice", "secret")].concat())
+        .await;
+    first.recv().await.ack();
+    let mut second = RawClient::connect(server.addr).await;
+    second.send(&header("203.0.113.9")).await;
+    second.expect_error("TOO_MANY_CONNECTIONS").await;
+    let mut other = RawClient::connect(server.addr).await;
+    other.send(&header("203.0.113.10")).await;
+    other.send(&auth_frame("alice", "secret")).await;
+    other.recv().await.ack();
+
+    // Without a header the connection is closed before any frame.
+    let mut bare = RawClient::connect(server.addr).await;
+    bare.send(&auth_frame("alice", "secret")).await;
+    bare.expect_closed().await;
+    server.stop().await;
+}
