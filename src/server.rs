@@ -257,6 +257,22 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether a line about a failing connection may be logged now. A
+    /// scanner can cause thousands a second: the log gets a burst and then a
+    /// count of what was held back; the metrics count every one.
+    fn noisy_log_allowed(&self) -> bool {
+        let Some(suppressed) = self.close_log.admit(std::time::Instant::now()) else {
+            return false;
+        };
+        if suppressed > 0 {
+            warn!(
+                suppressed,
+                "log lines about failing connections held back by the log rate limit"
+            );
+        }
+        true
+    }
+
     /// Counts a connection from `ip` against --max-connections-per-ip.
     fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Result<Option<IpSlot>, &'static str> {
         if self.max_per_ip == 0 {
@@ -320,7 +336,7 @@ async fn behind_proxy(
         Ok(Ok(parsed)) => parsed,
         Ok(Err(e)) => {
             metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "proxy_header").increment(1);
-            if shared.close_log.admit(std::time::Instant::now()).is_some() {
+            if shared.noisy_log_allowed() {
                 info!(conn_id, peer = %balancer, cause = %e, "bad PROXY protocol header");
             }
             return None;
@@ -569,18 +585,9 @@ where
         debug!(conn_id, %peer, user, code = code.as_str(), "connection closed");
         return;
     }
-    // A scanner can make thousands of these a second: the log gets a burst
-    // and a count, the metrics (record_close above) get every one.
-    let Some(suppressed) = shared.close_log.admit(std::time::Instant::now()) else {
-        return;
-    };
-    if suppressed > 0 {
-        warn!(
-            suppressed,
-            "connection-closed log lines held back by the log rate limit"
-        );
+    if shared.noisy_log_allowed() {
+        info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error");
     }
-    info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error");
 }
 
 /// Runs a slow (argon2id) credential check on the blocking pool, at most
