@@ -458,8 +458,8 @@ pub fn require_tool(tool: &str, package: &str) {
 }
 
 impl ServerProcess {
-    /// Waits (at most [`WAIT`]) for a stderr line containing `needle`;
-    /// returns it. Lines before it are consumed and returned in `skipped`.
+    /// Waits (at most [`WAIT`]) for a stderr line containing `needle` and
+    /// returns it; the lines before it are consumed.
     pub fn wait_log(&self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
