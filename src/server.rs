@@ -204,7 +204,7 @@ pub async fn run_with_reload(
         tune_socket(&stream, config.send_buffer);
         let shared = shared.clone();
         let tls = tls.as_ref().map(|tls| tls.current());
-        tracker.spawn(async move {
+        let task = async move {
             let (stream, peer, ip_slot) = match proxy_protocol {
                 true => match behind_proxy(stream, peer, conn_id, &shared).await {
                     Some(admitted) => admitted,
@@ -219,7 +219,10 @@ pub async fn run_with_reload(
                 None => serve(stream, peer, conn_id, &shared).await,
             }
             metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1.0);
-        });
+        };
+        #[cfg(feature = "otel")]
+        let task = tracing::Instrument::instrument(task, crate::telemetry::session_span(conn_id));
+        tracker.spawn(task);
     }
 
     info!("shutting down");
@@ -475,6 +478,9 @@ where
         "{:016x}",
         shared.session_salt ^ conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     );
+    // Fields of the session span (`otel` feature); no-ops without it.
+    let span = tracing::Span::current();
+    span.record("peer", tracing::field::display(peer));
     let mut session = Session::new(shared.timing, peer.ip(), session_id, now);
     let mut conn: Connection<S, Outgoing> = Connection::new(stream, MAX_CLIENT_PAYLOAD);
     let mut subs: [Option<Subscription>; 2] = [None, None];
@@ -528,6 +534,7 @@ where
                 match outcome {
                     Ok(Outcome::Authenticated { user: name, ack }) => {
                         debug!(conn_id, %peer, user = %name, "authenticated");
+                        span.record("user", name.as_str());
                         user = Some(name);
                         conn.enqueue(Outgoing::Control(ack));
                     }
@@ -568,6 +575,7 @@ where
         return;
     };
     let code = error.code();
+    span.record("code", code.as_str());
     record_close(code, &error, shared);
     if code == ErrorCode::SlowConsumer {
         conn.discard_unstarted();

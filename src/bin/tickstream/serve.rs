@@ -34,7 +34,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let exit = runtime.block_on(async move {
         let listener = match server::bind(config.listen, config.reuse_port) {
             Ok(l) => l,
             Err(e) => return config_error(format_args!("--listen {}: {e}", config.listen)),
@@ -57,7 +57,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => config_error(e),
         }
-    })
+    });
+    telemetry::shutdown();
+    exit
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
