@@ -20,7 +20,7 @@
 //! - [`proxy`]: PROXY protocol v1/v2 headers from a load balancer.
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
 //! - [`server`]: accept loop, connection tasks, shutdown.
-//! - [`telemetry`]: JSON logs.
+//! - [`telemetry`]: JSON logs, their rate limit, optional OpenTelemetry spans.
 //!
 //! PROTOCOL.md describes the wire protocol byte by byte.
 #![forbid(unsafe_code)]
