@@ -1,9 +1,30 @@
 //! Credentials from `TICKSTREAM_USERS` and the per-IP failed-AUTH limiter.
+//!
+//! # `TICKSTREAM_USERS`
+//!
+//! `user:secret[,user:secret...]`, where a secret is either a plaintext
+//! password or an argon2id PHC string (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`,
+//! as `tickstream hash-password` prints it). A PHC string has commas of its
+//! own, so the rule is: the value is split at every `,`; a piece that has no
+//! `:` and follows an entry whose secret is a PHC string continues that
+//! string (PHC strings never contain `:`, and every real entry has one).
+//! User names cannot contain `:` or `,`; plaintext passwords cannot contain
+//! `,` and must not begin with `$argon2`.
+//!
+//! # Why verification is split
+//!
+//! Checking an argon2id hash costs tens of milliseconds of CPU and 19 MiB by
+//! design. [`Credentials::verify`] stays synchronous, but when
+//! [`Credentials::is_slow`] the session hands the attempt back to the server,
+//! which runs the check on tokio's blocking pool, a bounded number at a time.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
 use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 use thiserror::Error;
@@ -23,13 +44,32 @@ pub enum CredentialsError {
     EmptyUser { index: usize },
     #[error("{USERS_ENV} names user {0:?} twice")]
     Duplicate(String),
+    #[error("{USERS_ENV} entry {index} is not an argon2id PHC hash: {reason}")]
+    BadHash { index: usize, reason: String },
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
 }
 
-/// The accepted user names and their passwords.
+/// The accepted user names and their secrets.
 #[derive(Clone)]
 pub struct Credentials {
-    users: HashMap<String, Vec<u8>>,
+    users: HashMap<String, Secret>,
+    /// True when any secret is a hash: then every check, unknown users
+    /// included, costs a hash verification, so timing does not tell which
+    /// users exist.
+    slow: bool,
 }
+
+#[derive(Clone)]
+enum Secret {
+    Plain(Vec<u8>),
+    /// A PHC string, checked to parse as argon2id.
+    Argon2id(String),
+}
+
+/// The prefix that marks a secret as a PHC hash.
+const PHC_PREFIX: &str = "$argon2";
+const ARGON2ID_PREFIX: &str = "$argon2id$";
 
 impl std::fmt::Debug for Credentials {
     // Never print passwords, not even in a debug dump of the config.
@@ -41,45 +81,126 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    /// Parses `user:password[,user:password...]`. A password may contain ':'
-    /// (the first one separates), but not ','.
+    /// Parses `TICKSTREAM_USERS` (see the module docs for the comma rule).
     pub fn parse(spec: &str) -> Result<Credentials, CredentialsError> {
         let mut users = HashMap::new();
-        for (index, entry) in spec.split(',').map(str::trim).enumerate() {
-            if entry.is_empty() {
-                continue;
-            }
-            let (user, password) = entry
+        for (index, entry) in split_entries(spec).into_iter().enumerate() {
+            let (user, secret) = entry
                 .split_once(':')
                 .ok_or(CredentialsError::MissingColon { index })?;
             if user.is_empty() {
                 return Err(CredentialsError::EmptyUser { index });
             }
-            if users
-                .insert(user.to_owned(), password.as_bytes().to_vec())
-                .is_some()
-            {
+            let secret = if secret.starts_with(PHC_PREFIX) {
+                check_phc(secret).map_err(|reason| CredentialsError::BadHash { index, reason })?;
+                Secret::Argon2id(secret.to_owned())
+            } else {
+                Secret::Plain(secret.as_bytes().to_vec())
+            };
+            if users.insert(user.to_owned(), secret).is_some() {
                 return Err(CredentialsError::Duplicate(user.to_owned()));
             }
         }
         if users.is_empty() {
             return Err(CredentialsError::Empty);
         }
-        Ok(Credentials { users })
+        let slow = users.values().any(|s| matches!(s, Secret::Argon2id(_)));
+        Ok(Credentials { users, slow })
     }
 
-    /// True when `username` exists and `password` matches, compared in
-    /// constant time. An unknown user is compared against a dummy secret, so
+    /// True when [`Credentials::verify`] may take tens of milliseconds (some
+    /// secret is a hash): run it off the async reactor.
+    pub fn is_slow(&self) -> bool {
+        self.slow
+    }
+
+    /// True when `username` exists and `password` matches. Plaintext secrets
+    /// are compared in constant time; hashes are verified with argon2id. An
+    /// unknown user is checked against a dummy secret of the same kind, so
     /// the timing does not tell which user names exist.
     pub fn verify(&self, username: &str, password: &str) -> bool {
         const DUMMY: &[u8] = b"tickstream-no-such-user-dummy-password";
-        let (secret, known) = match self.users.get(username) {
-            Some(secret) => (secret.as_slice(), true),
-            None => (DUMMY, false),
-        };
-        let equal: bool = secret.ct_eq(password.as_bytes()).into();
-        equal && known
+        match self.users.get(username) {
+            Some(Secret::Plain(secret)) => secret.ct_eq(password.as_bytes()).into(),
+            Some(Secret::Argon2id(phc)) => verify_phc(phc, password),
+            None if self.slow => {
+                let _ = verify_phc(dummy_phc(), password);
+                false
+            }
+            None => {
+                let _: bool = DUMMY.ct_eq(password.as_bytes()).into();
+                false
+            }
+        }
     }
+}
+
+/// An argon2id PHC string for `password` with a random salt and the argon2
+/// crate's default (OWASP) parameters: m=19456 KiB, t=2, p=1.
+pub fn hash_password(password: &str) -> Result<String, CredentialsError> {
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
+        .map_err(|e| CredentialsError::Hash(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| CredentialsError::Hash(e.to_string()))
+}
+
+/// Splits `TICKSTREAM_USERS` into `user:secret` entries, keeping the commas
+/// inside PHC strings (module docs).
+fn split_entries(spec: &str) -> Vec<String> {
+    let mut entries: Vec<String> = Vec::new();
+    for piece in spec.split(',') {
+        let continues_hash = !piece.contains(':')
+            && entries
+                .last()
+                .and_then(|e| e.split_once(':'))
+                .is_some_and(|(_, secret)| secret.starts_with(PHC_PREFIX));
+        match entries.last_mut() {
+            Some(last) if continues_hash => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => entries.push(piece.to_owned()),
+        }
+    }
+    entries
+        .into_iter()
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+fn check_phc(phc: &str) -> Result<(), String> {
+    if !phc.starts_with(ARGON2ID_PREFIX) {
+        return Err("only argon2id is accepted".into());
+    }
+    let hash = PasswordHash::new(phc).map_err(|e| e.to_string())?;
+    argon2::Params::try_from(&hash).map_err(|e| e.to_string())?;
+    if hash.salt.is_none() || hash.hash.is_none() {
+        return Err("salt or hash missing".into());
+    }
+    Ok(())
+}
+
+fn verify_phc(phc: &str, password: &str) -> bool {
+    // Parsed at startup by check_phc, so this parse does not fail.
+    PasswordHash::new(phc)
+        .map(|hash| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &hash)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// A hash of a random password, made once, to check unknown users against.
+fn dummy_phc() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let random: [u8; 16] = rand::random();
+        hash_password(&format!("{random:?}")).unwrap_or_default()
+    })
 }
 
 /// Per-source-IP token bucket of failed AUTH attempts: `per_minute` failures
@@ -183,6 +304,58 @@ mod tests {
             Credentials::parse("a:1,a:2").unwrap_err(),
             CredentialsError::Duplicate(_)
         ));
+    }
+
+    /// A hash made once per test run (hashing costs tens of milliseconds).
+    fn phc(password: &str) -> String {
+        hash_password(password).unwrap()
+    }
+
+    #[test]
+    fn argon2id_hashes_verify_and_keep_their_commas() {
+        let hash = phc("s3cret");
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        let spec = format!("carol:{hash},alice:secret, dave:{hash}");
+        let creds = Credentials::parse(&spec).unwrap();
+        assert!(creds.is_slow());
+        assert!(creds.verify("carol", "s3cret"));
+        assert!(creds.verify("dave", "s3cret"));
+        assert!(!creds.verify("carol", "secret"));
+        assert!(creds.verify("alice", "secret"));
+        assert!(!creds.verify("nobody", "s3cret"));
+        assert!(!format!("{creds:?}").contains("argon2"));
+        assert!(!Credentials::parse("alice:secret").unwrap().is_slow());
+    }
+
+    #[test]
+    fn entries_split_at_commas_except_inside_a_hash() {
+        let split = |s: &str| split_entries(s);
+        assert_eq!(split("a:1,b:2"), ["a:1", "b:2"]);
+        assert_eq!(
+            split("a:$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA,b:2"),
+            ["a:$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA", "b:2"]
+        );
+        // A piece without ':' after a plaintext entry is not glued on.
+        assert_eq!(split("a:1,t=1"), ["a:1", "t=1"]);
+        assert_eq!(split(" a:1 , ,b:2,"), ["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn malformed_or_non_argon2id_hashes_are_refused() {
+        for spec in [
+            "a:$argon2id$garbage",
+            "a:$argon2id$v=19$nonsense",
+            "a:$argon2i$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+            "a:$argon2id$v=19$m=0,t=0,p=0$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA",
+        ] {
+            assert!(
+                matches!(
+                    Credentials::parse(spec),
+                    Err(CredentialsError::BadHash { index: 0, .. })
+                ),
+                "{spec}"
+            );
+        }
     }
 
     #[test]

@@ -90,6 +90,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSTREAM_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Expect a PROXY protocol v1 or v2 header (HAProxy `send-proxy-v2`, cloud
+    /// load balancers) at the start of every connection; its client address
+    /// drives logs and per-IP limits. Only turn on behind a balancer that
+    /// always sends one: connections without it are closed.
+    #[arg(long, env = "TICKSTREAM_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG filters override it.
     #[arg(long, env = "TICKSTREAM_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -145,6 +152,7 @@ pub struct Config {
     pub send_buffer: usize,
     pub latency_sample: u64,
     pub reuse_port: bool,
+    pub proxy_protocol: bool,
     pub tls: Option<TlsFiles>,
     pub credentials: Credentials,
 }
@@ -231,6 +239,7 @@ impl Config {
             send_buffer: args.send_buffer,
             latency_sample: args.latency_sample,
             reuse_port: args.reuse_port,
+            proxy_protocol: args.proxy_protocol,
             tls,
             credentials,
         })
@@ -254,6 +263,7 @@ impl Config {
             send_buffer: 128 * 1024,
             latency_sample: 1,
             reuse_port: false,
+            proxy_protocol: false,
             tls: None,
             credentials: Credentials::parse(users).expect("test credentials parse"),
         }

@@ -17,9 +17,10 @@
 //! - [`tick`]: clock boundaries, synthetic load, batching, encode once.
 //! - [`connection`]: framed reads and vectored writes over TCP or TLS.
 //! - [`tls`]: rustls TLS 1.3 server and client configuration, mTLS.
+//! - [`proxy`]: PROXY protocol v1/v2 headers from a load balancer.
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
 //! - [`server`]: accept loop, connection tasks, shutdown.
-//! - [`telemetry`]: JSON logs.
+//! - [`telemetry`]: JSON logs, their rate limit, optional OpenTelemetry spans.
 //!
 //! PROTOCOL.md describes the wire protocol byte by byte.
 #![forbid(unsafe_code)]
@@ -33,6 +34,7 @@ pub mod error;
 pub mod frame;
 pub mod metrics;
 pub mod proto;
+pub mod proxy;
 pub mod ring;
 pub mod server;
 pub mod session;

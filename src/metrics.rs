@@ -35,6 +35,7 @@ pub const ERRORS_SENT_TOTAL: &str = "errors_sent_total";
 pub const SLOW_CONSUMER_DISCONNECTS_TOTAL: &str = "slow_consumer_disconnects_total";
 pub const WRITER_LAG_BATCHES: &str = "writer_lag_batches";
 pub const FRAMES_PER_WRITE: &str = "frames_per_write";
+pub const TLS_RELOADS_TOTAL: &str = "tls_reloads_total";
 
 /// How often the sharded counters are folded into the exporter.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
@@ -92,6 +93,7 @@ fn describe() {
         "Batches a writer was behind the ring head when it woke."
     );
     describe_histogram!(FRAMES_PER_WRITE, "Frames gathered into one vectored write.");
+    describe_counter!(TLS_RELOADS_TOTAL, "TLS certificate reloads (SIGHUP), by result.");
 }
 
 /// Handles the server records through. Cheap to share (`Arc` inside).

@@ -315,6 +315,9 @@ impl Drop for Registration {
     }
 }
 
+/// One slab of registered connection wakers.
+type WakeShard = Mutex<Slab<Arc<AtomicWaker>>>;
+
 /// Wakers sharded over several slabs, so that a subscribe or a disconnect
 /// waits for at most one shard of the wake walk, not all 100k entries.
 struct WakeRegistry {

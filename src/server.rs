@@ -38,8 +38,10 @@ use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, Frame, MAX_CLIENT_PAYLOAD};
 use crate::metrics::{self as m, Metrics};
 use crate::proto::Mode;
+use crate::proxy::{self, Prefixed};
 use crate::ring::{Cursor, Entry, Read, Registration, Ring};
-use crate::session::{self, Outcome, Session, Timing};
+use crate::session::{self, AuthAttempt, Outcome, Session, Timing};
+use crate::telemetry::LogBudget;
 use crate::tick::{self, ProducerConfig};
 use crate::tls;
 
@@ -54,6 +56,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 const CLOSE_DRAIN_LIMIT: usize = 64 * 1024;
 /// Refill-and-write rounds per wake before yielding to other tasks.
 const MAX_WRITE_ROUNDS: usize = 8;
+/// argon2id checks running at once (each takes ~19 MiB and a core for tens
+/// of milliseconds); more AUTHs wait for a slot within their auth timeout.
+const MAX_CONCURRENT_HASH_CHECKS: usize = 4;
 /// Pause after accept fails with EMFILE/ENFILE: the listener stays readable,
 /// so retrying at once would spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -83,15 +88,41 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tls::TlsError> {
+    run_with_reload(config, listener, shutdown, TlsReload::default()).await
+}
+
+/// Asks a running server to re-read its TLS certificate, key and client CA
+/// (the binary calls [`TlsReload::request`] on SIGHUP). New connections use
+/// the new files; open connections are not touched. A request made while the
+/// server is busy is kept, not lost.
+#[derive(Clone, Default)]
+pub struct TlsReload(Arc<Notify>);
+
+impl TlsReload {
+    pub fn request(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// [`run`], with a handle that reloads the TLS files.
+pub async fn run_with_reload(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    reload: TlsReload,
+) -> Result<(), tls::TlsError> {
     let tls = match &config.tls {
-        Some(files) => Some(tls::acceptor(
+        Some(files) => Some(Arc::new(tls::ReloadableAcceptor::load(
             &files.cert,
             &files.key,
             files.client_ca.as_deref(),
-        )?),
+        )?)),
         None => None,
     };
     let tracker = TaskTracker::new();
+    if let Some(tls) = tls.clone() {
+        tracker.spawn(reload_tls_on_request(tls, reload, shutdown.clone()));
+    }
     let metrics = Metrics::new();
     let rings = [Mode::Second, Mode::Minute].map(|mode| {
         let (ring, publisher) = Ring::new(config.ring_capacity);
@@ -126,6 +157,8 @@ pub async fn run(
         per_ip: Mutex::new(HashMap::new()),
         max_per_ip: config.max_connections_per_ip,
         session_salt: rand::random(),
+        hash_checks: Semaphore::new(MAX_CONCURRENT_HASH_CHECKS),
+        close_log: LogBudget::new(),
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
     match listener.local_addr() {
@@ -151,11 +184,16 @@ pub async fn run(
         };
         metrics::counter!(m::CONNECTIONS_ACCEPTED_TOTAL).increment(1);
         let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
+        let proxy_protocol = config.proxy_protocol;
         let admission = limit
             .clone()
             .try_acquire_owned()
             .map_err(|_| "server is at --max-connections")
-            .and_then(|permit| shared.admit_ip(peer.ip()).map(|ip_slot| (permit, ip_slot)));
+            .and_then(|permit| match proxy_protocol {
+                // The per-IP count waits for the real address in the header.
+                true => Ok((permit, None)),
+                false => shared.admit_ip(peer.ip()).map(|ip_slot| (permit, ip_slot)),
+            });
         let (permit, ip_slot) = match admission {
             Ok(admitted) => admitted,
             Err(reason) => {
@@ -165,16 +203,26 @@ pub async fn run(
         };
         tune_socket(&stream, config.send_buffer);
         let shared = shared.clone();
-        let tls = tls.clone();
-        tracker.spawn(async move {
+        let tls = tls.as_ref().map(|tls| tls.current());
+        let task = async move {
+            let (stream, peer, ip_slot) = match proxy_protocol {
+                true => match behind_proxy(stream, peer, conn_id, &shared).await {
+                    Some(admitted) => admitted,
+                    None => return,
+                },
+                false => (Prefixed::new(Bytes::new(), stream), peer, ip_slot),
+            };
             let _admitted = (permit, ip_slot);
             metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1.0);
             match tls {
-                Some(acceptor) => handshake_then_serve(acceptor, stream, peer, conn_id, &shared).await,
+                Some(acceptor) => handshake_then_serve(&acceptor, stream, peer, conn_id, &shared).await,
                 None => serve(stream, peer, conn_id, &shared).await,
             }
             metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1.0);
-        });
+        };
+        #[cfg(feature = "otel")]
+        let task = tracing::Instrument::instrument(task, crate::telemetry::session_span(conn_id));
+        tracker.spawn(task);
     }
 
     info!("shutting down");
@@ -205,9 +253,29 @@ struct Shared {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_per_ip: usize,
     session_salt: u64,
+    /// Slots for argon2id checks running on the blocking pool.
+    hash_checks: Semaphore,
+    /// Rate limit of "connection closed with error" log lines.
+    close_log: LogBudget,
 }
 
 impl Shared {
+    /// Whether a line about a failing connection may be logged now. A
+    /// scanner can cause thousands a second: the log gets a burst and then a
+    /// count of what was held back; the metrics count every one.
+    fn noisy_log_allowed(&self) -> bool {
+        let Some(suppressed) = self.close_log.admit(std::time::Instant::now()) else {
+            return false;
+        };
+        if suppressed > 0 {
+            warn!(
+                suppressed,
+                "log lines about failing connections held back by the log rate limit"
+            );
+        }
+        true
+    }
+
     /// Counts a connection from `ip` against --max-connections-per-ip.
     fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Result<Option<IpSlot>, &'static str> {
         if self.max_per_ip == 0 {
@@ -257,8 +325,43 @@ fn tune_socket(stream: &TcpStream, send_buffer: usize) {
     }
 }
 
+/// With --proxy-protocol: reads the header, then counts the client's real
+/// address against --max-connections-per-ip. `None` when the connection was
+/// refused or closed.
+async fn behind_proxy(
+    stream: TcpStream,
+    balancer: SocketAddr,
+    conn_id: u64,
+    shared: &Arc<Shared>,
+) -> Option<(Prefixed<TcpStream>, SocketAddr, Option<IpSlot>)> {
+    let header = tokio::time::timeout(shared.timing.auth_timeout, proxy::read_header(stream)).await;
+    let (source, stream) = match header {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(e)) => {
+            metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "proxy_header").increment(1);
+            if shared.noisy_log_allowed() {
+                info!(conn_id, peer = %balancer, cause = %e, "bad PROXY protocol header");
+            }
+            return None;
+        }
+        Err(_) => {
+            metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "proxy_header_timeout").increment(1);
+            return None;
+        }
+    };
+    // LOCAL / UNKNOWN headers (balancer health checks) keep the socket's address.
+    let peer = source.unwrap_or(balancer);
+    match shared.admit_ip(peer.ip()) {
+        Ok(ip_slot) => Some((stream, peer, ip_slot)),
+        Err(reason) => {
+            reject(stream, reason).await;
+            None
+        }
+    }
+}
+
 /// Tells a connection over a limit why, then closes it.
-async fn reject(mut stream: TcpStream, reason: &'static str) {
+async fn reject<S: AsyncWrite + Unpin>(mut stream: S, reason: &'static str) {
     metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => if reason.contains("per-ip") { "per_ip" } else { "max_connections" }).increment(1);
     metrics::counter!(m::ERRORS_SENT_TOTAL, "code" => ErrorCode::TooManyConnections.as_str()).increment(1);
     let frame = frame::encode_error(ErrorCode::TooManyConnections, reason);
@@ -269,9 +372,32 @@ async fn reject(mut stream: TcpStream, reason: &'static str) {
     .await;
 }
 
+async fn reload_tls_on_request(
+    tls: Arc<tls::ReloadableAcceptor>,
+    reload: TlsReload,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = reload.0.notified() => {}
+        }
+        match tls.reload() {
+            Ok(()) => {
+                metrics::counter!(m::TLS_RELOADS_TOTAL, "result" => "ok").increment(1);
+                info!("tls certificate reloaded");
+            }
+            Err(e) => {
+                metrics::counter!(m::TLS_RELOADS_TOTAL, "result" => "error").increment(1);
+                warn!(cause = %e, "tls reload failed; keeping the previous certificate");
+            }
+        }
+    }
+}
+
 async fn handshake_then_serve(
-    acceptor: TlsAcceptor,
-    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    stream: Prefixed<TcpStream>,
     peer: SocketAddr,
     conn_id: u64,
     shared: &Arc<Shared>,
@@ -352,6 +478,9 @@ where
         "{:016x}",
         shared.session_salt ^ conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     );
+    // Fields of the session span (`otel` feature); no-ops without it.
+    let span = tracing::Span::current();
+    span.record("peer", tracing::field::display(peer));
     let mut session = Session::new(shared.timing, peer.ip(), session_id, now);
     let mut conn: Connection<S, Outgoing> = Connection::new(stream, MAX_CLIENT_PAYLOAD);
     let mut subs: [Option<Subscription>; 2] = [None, None];
@@ -389,10 +518,23 @@ where
 
         match event {
             Event::Frame(frame) => {
-                let outcome = session.on_frame(frame, Instant::now(), &shared.credentials, &shared.limiter);
+                if let (None, Frame::Auth(auth)) = (&user, &frame) {
+                    // Logged on a failed AUTH too: which name a guesser tries.
+                    user = Some(auth.username.clone());
+                }
+                let mut outcome =
+                    session.on_frame(frame, Instant::now(), &shared.credentials, &shared.limiter);
+                if let Ok(Outcome::CheckCredentials(attempt)) = outcome {
+                    let Some((attempt, valid)) = check_credentials(attempt, session.deadline(), shared).await
+                    else {
+                        break Some(session.timeout_error());
+                    };
+                    outcome = session.on_credentials_checked(attempt, valid, Instant::now(), &shared.limiter);
+                }
                 match outcome {
                     Ok(Outcome::Authenticated { user: name, ack }) => {
                         debug!(conn_id, %peer, user = %name, "authenticated");
+                        span.record("user", name.as_str());
                         user = Some(name);
                         conn.enqueue(Outgoing::Control(ack));
                     }
@@ -404,6 +546,10 @@ where
                         conn.enqueue(Outgoing::Control(session::subscribe_ack(mode, next_seq)));
                     }
                     Ok(Outcome::Heartbeat { reply }) => conn.enqueue(Outgoing::Control(reply)),
+                    Ok(Outcome::CheckCredentials(_)) => {
+                        // on_credentials_checked never hands the check back again.
+                        break Some(SessionError::ProtocolViolation("credentials checked twice"));
+                    }
                     Err(e) => break Some(e),
                 }
                 if timer.deadline() != session.deadline() {
@@ -429,6 +575,7 @@ where
         return;
     };
     let code = error.code();
+    span.record("code", code.as_str());
     record_close(code, &error, shared);
     if code == ErrorCode::SlowConsumer {
         conn.discard_unstarted();
@@ -442,12 +589,39 @@ where
         }
     })
     .await;
-    match code {
-        ErrorCode::ServerShutdown => debug!(conn_id, %peer, user, code = code.as_str(), "connection closed"),
-        _ => {
-            info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error")
-        }
+    if code == ErrorCode::ServerShutdown {
+        debug!(conn_id, %peer, user, code = code.as_str(), "connection closed");
+        return;
     }
+    if shared.noisy_log_allowed() {
+        info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error");
+    }
+}
+
+/// Runs a slow (argon2id) credential check on the blocking pool, at most
+/// [`MAX_CONCURRENT_HASH_CHECKS`] at once, so a flood of AUTHs costs bounded
+/// CPU and memory and never stalls the reactor. `None` when `deadline` (the
+/// auth timeout) passes first.
+async fn check_credentials(
+    attempt: AuthAttempt,
+    deadline: Instant,
+    shared: &Arc<Shared>,
+) -> Option<(AuthAttempt, bool)> {
+    let shared = shared.clone();
+    tokio::time::timeout_at(deadline, async move {
+        // The semaphore is never closed, so acquire() does not fail.
+        let _slot = shared.hash_checks.acquire().await.ok()?;
+        let checker = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let valid = checker.credentials.verify(&attempt.username, &attempt.password);
+            (attempt, valid)
+        })
+        .await
+        .ok()
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 fn record_close(code: ErrorCode, error: &SessionError, _shared: &Shared) {

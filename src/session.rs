@@ -39,11 +39,34 @@ pub enum Outcome {
     },
     /// Send the heartbeat echo `reply`.
     Heartbeat { reply: Bytes },
+    /// The credentials are slow to check ([`Credentials::is_slow`]): check
+    /// them off the reactor, then call [`Session::on_credentials_checked`].
+    /// Only AUTH in the awaiting state returns this, after the rate limit.
+    CheckCredentials(AuthAttempt),
+}
+
+/// An AUTH whose credentials the caller must check. Its `Debug` leaves the
+/// password out.
+#[derive(Clone, PartialEq)]
+pub struct AuthAttempt {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for AuthAttempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthAttempt")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
 enum State {
     AwaitingAuth,
+    /// AUTH handed out as [`Outcome::CheckCredentials`]; no frame is read
+    /// until the result comes back.
+    CheckingCredentials,
     Ready,
 }
 
@@ -81,7 +104,7 @@ impl Session {
     /// The error to close with once the deadline has passed.
     pub fn timeout_error(&self) -> SessionError {
         match self.state {
-            State::AwaitingAuth => SessionError::AuthTimeout,
+            State::AwaitingAuth | State::CheckingCredentials => SessionError::AuthTimeout,
             State::Ready => SessionError::HeartbeatTimeout,
         }
     }
@@ -100,28 +123,19 @@ impl Session {
                 if limiter.is_limited(self.peer_ip, now) {
                     return Err(SessionError::RateLimited);
                 }
-                if !credentials.verify(&auth.username, &auth.password) {
-                    limiter.record_failure(self.peer_ip, now);
-                    return Err(SessionError::AuthFailed);
+                if credentials.is_slow() {
+                    self.state = State::CheckingCredentials;
+                    return Ok(Outcome::CheckCredentials(AuthAttempt {
+                        username: auth.username,
+                        password: auth.password,
+                    }));
                 }
-                self.state = State::Ready;
-                self.deadline = now + self.timing.heartbeat_timeout;
-                let ack = frame::encode(
-                    FrameType::Ack,
-                    &Ack {
-                        acked: MsgType::Auth as i32,
-                        session_id: self.session_id.clone(),
-                        heartbeat_interval_ms: millis_u32(self.timing.heartbeat_interval),
-                        heartbeat_timeout_ms: millis_u32(self.timing.heartbeat_timeout),
-                        mode: 0,
-                        next_seq: 0,
-                    },
-                );
-                Ok(Outcome::Authenticated {
-                    user: auth.username,
-                    ack,
-                })
+                let valid = credentials.verify(&auth.username, &auth.password);
+                self.finish_auth(auth.username, valid, now, limiter)
             }
+            (State::CheckingCredentials, _) => Err(SessionError::ProtocolViolation(
+                "frame while the credentials are being checked",
+            )),
             (State::AwaitingAuth, _) => Err(SessionError::AuthRequired),
             (State::Ready, Frame::Auth(_)) => {
                 Err(SessionError::ProtocolViolation("AUTH after a successful AUTH"))
@@ -149,6 +163,53 @@ impl Session {
                 SessionError::ProtocolViolation("DATA_BATCH, ERROR and ACK are server-to-client only"),
             ),
         }
+    }
+}
+
+impl Session {
+    /// Finishes an [`Outcome::CheckCredentials`]: `valid` is what
+    /// [`Credentials::verify`] said about `attempt`, checked at `now`.
+    pub fn on_credentials_checked(
+        &mut self,
+        attempt: AuthAttempt,
+        valid: bool,
+        now: Instant,
+        limiter: &AuthLimiter,
+    ) -> Result<Outcome, SessionError> {
+        if !matches!(self.state, State::CheckingCredentials) {
+            return Err(SessionError::ProtocolViolation(
+                "credentials checked without an AUTH",
+            ));
+        }
+        self.finish_auth(attempt.username, valid, now, limiter)
+    }
+
+    fn finish_auth(
+        &mut self,
+        username: String,
+        valid: bool,
+        now: Instant,
+        limiter: &AuthLimiter,
+    ) -> Result<Outcome, SessionError> {
+        if !valid {
+            limiter.record_failure(self.peer_ip, now);
+            self.state = State::AwaitingAuth;
+            return Err(SessionError::AuthFailed);
+        }
+        self.state = State::Ready;
+        self.deadline = now + self.timing.heartbeat_timeout;
+        let ack = frame::encode(
+            FrameType::Ack,
+            &Ack {
+                acked: MsgType::Auth as i32,
+                session_id: self.session_id.clone(),
+                heartbeat_interval_ms: millis_u32(self.timing.heartbeat_interval),
+                heartbeat_timeout_ms: millis_u32(self.timing.heartbeat_timeout),
+                mode: 0,
+                next_seq: 0,
+            },
+        );
+        Ok(Outcome::Authenticated { user: username, ack })
     }
 }
 
@@ -262,6 +323,50 @@ mod tests {
         let (mut s, ..) = setup();
         // Even the right password is refused once limited: it is not checked.
         let err = s.on_frame(auth("secret"), now, &creds, &limiter).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::RateLimited);
+    }
+
+    #[test]
+    fn slow_credentials_are_handed_back_and_finished_later() {
+        let (mut s, _, limiter, now) = setup();
+        let hash = crate::auth::hash_password("s3cret").unwrap();
+        let creds = Credentials::parse(&format!("alice:{hash}")).unwrap();
+        let Outcome::CheckCredentials(attempt) = s.on_frame(auth("s3cret"), now, &creds, &limiter).unwrap()
+        else {
+            panic!("a hashed secret is not checked inline")
+        };
+        assert!(
+            !format!("{attempt:?}").contains("s3cret"),
+            "Debug shows the password"
+        );
+        assert_eq!(
+            s.on_frame(auth("s3cret"), now, &creds, &limiter)
+                .unwrap_err()
+                .code(),
+            ErrorCode::ProtocolViolation,
+            "no frame while checking"
+        );
+        assert_eq!(s.timeout_error().code(), ErrorCode::AuthTimeout);
+        let valid = creds.verify(&attempt.username, &attempt.password);
+        assert!(matches!(
+            s.on_credentials_checked(attempt, valid, now, &limiter),
+            Ok(Outcome::Authenticated { .. })
+        ));
+
+        // A wrong password counts against the limiter like a plaintext one.
+        for _ in 0..5 {
+            let (mut s, ..) = setup();
+            let Ok(Outcome::CheckCredentials(attempt)) = s.on_frame(auth("wrong"), now, &creds, &limiter)
+            else {
+                panic!("not handed back")
+            };
+            let err = s
+                .on_credentials_checked(attempt, false, now, &limiter)
+                .unwrap_err();
+            assert_eq!(err.code(), ErrorCode::AuthFailed);
+        }
+        let (mut s, ..) = setup();
+        let err = s.on_frame(auth("s3cret"), now, &creds, &limiter).unwrap_err();
         assert_eq!(err.code(), ErrorCode::RateLimited);
     }
 

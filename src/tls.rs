@@ -1,9 +1,10 @@
 //! TLS 1.3 (rustls, ring provider) for the server and the client, with
 //! optional client-certificate verification (mTLS). TLS 1.2 is refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use thiserror::Error;
@@ -81,6 +82,41 @@ pub fn acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Tls
     let mut config = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
     config.send_half_rtt_data = false;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The server's acceptor, rebuilt from its files on [`ReloadableAcceptor::reload`]
+/// (SIGHUP). Each new connection takes the acceptor current at its accept;
+/// connections already open keep the session they negotiated.
+pub struct ReloadableAcceptor {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    current: ArcSwap<TlsAcceptor>,
+}
+
+impl ReloadableAcceptor {
+    /// Loads the files once; fails as [`acceptor`] does.
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ReloadableAcceptor, TlsError> {
+        Ok(ReloadableAcceptor {
+            current: ArcSwap::from_pointee(acceptor(cert, key, client_ca)?),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            client_ca: client_ca.map(Path::to_owned),
+        })
+    }
+
+    /// The acceptor for a connection accepted now.
+    pub fn current(&self) -> Arc<TlsAcceptor> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the certificate, key and client CA. On any error the old
+    /// acceptor stays in place, so a half-copied file cannot take TLS down.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = acceptor(&self.cert, &self.key, self.client_ca.as_deref())?;
+        self.current.store(Arc::new(fresh));
+        Ok(())
+    }
 }
 
 /// A TLS 1.3-only connector trusting `ca`, optionally presenting a client

@@ -8,7 +8,10 @@ use support::*;
 use tickstream::proto::{Mode, MsgType};
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use bytes::{Buf, BytesMut};
 use prost::Message;
 use tickstream::config::Config;
 use tickstream::proto::{Ack, Auth, DataBatch, ErrorMsg, Heartbeat, Mode, Subscribe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -68,11 +68,18 @@ pub struct ServerProcess {
 }
 
 /// Starts `tickstream serve --listen 127.0.0.1:0 --metrics-listen off <args>`
-/// and waits for its "serving" log line to learn the port.
+/// and waits for its "serving" log line to learn the port. clap refuses a
+/// flag given twice, so `--metrics-listen off` is left out when `args` names
+/// its own `--metrics-listen`.
+// The child is waited for by `ServerProcess::drop`.
+#[allow(clippy::zombie_processes)]
 pub fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tickstream"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
-        .args(args)
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+    if !args.contains(&"--metrics-listen") {
+        cmd.args(["--metrics-listen", "off"]);
+    }
+    cmd.args(args)
         .env("TICKSTREAM_USERS", USERS)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
@@ -244,9 +251,25 @@ pub fn heartbeat_frame(client_time_ms: i64) -> Vec<u8> {
 }
 
 /// A client that speaks raw bytes.
-pub struct RawClient {
-    pub stream: TcpStream,
+pub struct RawClient<S = TcpStream> {
+    pub stream: S,
     buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    /// Speaks raw frames over an already connected stream (e.g. TLS).
+    pub fn over(stream: S) -> RawClient<S> {
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends AUTH as alice and returns the ACK.
+    pub async fn authenticate(&mut self) -> Ack {
+        self.send(&auth_frame("alice", "secret")).await;
+        self.recv().await.ack()
+    }
 }
 
 impl RawClient {
@@ -277,7 +300,9 @@ impl RawClient {
         let ack = client.recv().await.ack();
         (client, ack)
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("send");
     }
@@ -305,12 +330,12 @@ impl RawClient {
         loop {
             if self.buf.len() >= 8 {
                 assert_eq!(&self.buf[..3], &[0x54, 0x4B, 0x01], "server frame header");
-                let len = u32::from_be_bytes(self.buf[4..8].try_into().unwrap()) as usize;
+                let len = u32::from_be_bytes(self.buf[4..8].try_into().expect("4 bytes")) as usize;
                 assert!(len <= 1 << 20, "server payload {len} over 1 MiB");
                 if self.buf.len() >= 12 + len {
                     let frame_type = self.buf[3];
                     let payload = self.buf[8..8 + len].to_vec();
-                    let crc = u32::from_be_bytes(self.buf[8 + len..12 + len].try_into().unwrap());
+                    let crc = u32::from_be_bytes(self.buf[8 + len..12 + len].try_into().expect("4 bytes"));
                     assert_eq!(crc, crc32c::crc32c(&payload), "CRC32C of server frame");
                     self.buf.advance(12 + len);
                     return Some(RawFrame { frame_type, payload });
@@ -351,4 +376,171 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A loopback port nothing listens on right now (bound to :0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// `GET /metrics` over plain HTTP/1.1; returns the body. `None` while the
+/// endpoint does not answer yet.
+pub async fn try_scrape(metrics: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect(metrics).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let response = String::from_utf8(response).expect("metrics are UTF-8");
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    assert!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    Some(if chunked { dechunk(body) } else { body.to_owned() })
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+/// The value of the sample `series` (name with labels exactly as exposed,
+/// e.g. `errors_sent_total{code="BAD_MAGIC"}`), if present.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Scrapes until `series` is at least `min`, or panics after [`WAIT`] with
+/// the last exposition. Returns that exposition.
+pub async fn scrape_until(metrics: SocketAddr, series: &str, min: f64) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = try_scrape(metrics).await.unwrap_or_default();
+        if sample(&body, series).is_some_and(|v| v >= min) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {min}; last scrape:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl RawClient {
+    /// Connects from the loopback source address `source` (any of 127.0.0.0/8
+    /// works on Linux), so tests can act as several client IPs.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind source address");
+        let stream = tokio::time::timeout(WAIT, socket.connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+/// Fails with a clear message when an external tool the test drives is not
+/// installed (CI installs it from scripts/test-deps.txt; tests never skip).
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed: this test drives the real tool. Install the Debian \
+         package `{package}` (listed in scripts/test-deps.txt; the test command installs it)"
+    );
+}
+
+impl ServerProcess {
+    /// Waits (at most [`WAIT`]) for a stderr line containing `needle` and
+    /// returns it; the lines before it are consumed.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .stderr
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("server never logged {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Every stderr line logged so far (without waiting).
+    pub fn drain_log(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+/// Runs `cmd` with stdin from /dev/null, killing it after `limit`; returns
+/// the exit status (`None` if it had to be killed) and stdout+stderr (lossy
+/// UTF-8: a tool may print the server's binary frames).
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tool");
+    let (mut out, mut err) = (
+        child.stdout.take().expect("stdout"),
+        child.stderr.take().expect("stderr"),
+    );
+    let readers = [
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut out, &mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        }),
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut err, &mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        }),
+    ];
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = readers
+        .into_iter()
+        .map(|r| r.join().expect("reader thread"))
+        .collect::<Vec<_>>()
+        .join("");
+    (status, output)
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tickstream::config::ServeArgs;
 
+mod hash_password;
 mod serve;
 
 #[global_allocator]
@@ -21,15 +22,20 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Read a password from stdin and print its argon2id hash for TICKSTREAM_USERS.
+    HashPassword(hash_password::HashPasswordArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::HashPassword(args) => hash_password::run(args),
     }
 }

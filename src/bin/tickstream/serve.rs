@@ -1,11 +1,13 @@
 //! `tickstream serve`: checks the configuration, starts logging, the
-//! metrics exporter and the server, and turns SIGTERM/SIGINT into a drain.
+//! metrics exporter and the server, turns SIGTERM/SIGINT into a drain and
+//! SIGHUP into a TLS certificate reload.
 
 use std::process::ExitCode;
 
 use tickstream::auth::USERS_ENV;
 use tickstream::config::{Config, ServeArgs};
 use tickstream::{metrics, server, telemetry};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a configuration that cannot run (as clap's usage errors).
@@ -32,7 +34,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let exit = runtime.block_on(async move {
         let listener = match server::bind(config.listen, config.reuse_port) {
             Ok(l) => l,
             Err(e) => return config_error(format_args!("--listen {}: {e}", config.listen)),
@@ -43,17 +45,25 @@ pub fn run(args: ServeArgs) -> ExitCode {
             }
         }
         let shutdown = CancellationToken::new();
+        let reload = server::TlsReload::default();
         tokio::spawn(watch_signals(shutdown.clone()));
-        match server::run(config, listener, shutdown).await {
+        // Installed before the server logs "serving": SIGHUP's default
+        // action would otherwise end the process.
+        match signal(SignalKind::hangup()) {
+            Ok(hup) => drop(tokio::spawn(watch_sighup(hup, reload.clone()))),
+            Err(e) => tracing::error!(cause = %e, "cannot install the SIGHUP handler"),
+        }
+        match server::run_with_reload(config, listener, shutdown, reload).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => config_error(e),
         }
-    })
+    });
+    telemetry::shutdown();
+    exit
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
 async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {
         tracing::error!("cannot install signal handlers");
@@ -64,4 +74,12 @@ async fn watch_signals(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
     }
     shutdown.cancel();
+}
+
+/// Reloads the TLS certificate and key on every SIGHUP.
+async fn watch_sighup(mut hup: Signal, reload: server::TlsReload) {
+    while hup.recv().await.is_some() {
+        tracing::info!(signal = "SIGHUP", "tls reload requested");
+        reload.request();
+    }
 }

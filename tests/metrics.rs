@@ -1,0 +1,165 @@
+//! The Prometheus endpoint of the real binary: every operator metric moves
+//! when the server does the thing it counts, and the exposition passes the
+//! real `promtool check metrics`.
+
+mod support;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use support::*;
+use tickstream::proto::Mode;
+
+/// Lint findings `promtool` may report that the contract forces on us:
+/// `publish_latency_ms` is a required name, and promtool prefers base units.
+const ALLOWED_LINT: &[&str] = &["publish_latency_ms"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_counts_what_the_server_does_and_passes_promtool() {
+    require_tool("promtool", "prometheus");
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics_arg = metrics.to_string();
+    let server = spawn_server(
+        &[
+            "--metrics-listen",
+            &metrics_arg,
+            "--synthetic-rate",
+            "200",
+            "--latency-sample",
+            "1",
+            "--heartbeat-interval",
+            "200ms",
+            "--heartbeat-timeout",
+            "400ms",
+            "--max-connections-per-ip",
+            "4",
+        ],
+        &[],
+    );
+
+    // A subscriber of each mode receives data.
+    let (mut sub, _) = RawClient::authenticated(server.addr).await;
+    sub.send(&subscribe_frame(Mode::Second)).await;
+    sub.send(&subscribe_frame(Mode::Minute)).await;
+    let mut batches = 0;
+    while batches < 10 {
+        if sub.recv().await.frame_type == 0x04 {
+            batches += 1;
+        }
+        sub.send(&heartbeat_frame(0)).await;
+    }
+    // Keep the subscriber alive through the rest of the test.
+    let keepalive = tokio::spawn(async move {
+        loop {
+            sub.send(&heartbeat_frame(0)).await;
+            while sub.recv().await.frame_type != 0x03 {}
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    // A client that stops heartbeating is closed with HEARTBEAT_TIMEOUT.
+    {
+        let mut timed_out = RawClient::authenticated(server.addr).await.0;
+        timed_out.expect_error("HEARTBEAT_TIMEOUT").await;
+    }
+    // A wrong password and a scanner's garbage.
+    {
+        let mut wrong = RawClient::connect(server.addr).await;
+        wrong.send(&auth_frame("alice", "wrong")).await;
+        wrong.expect_error("AUTH_FAILED").await;
+    }
+    {
+        let mut garbage = RawClient::connect(server.addr).await;
+        garbage.send(b"GET / HTTP/1.0\r\n\r\n").await;
+        garbage.expect_error("BAD_MAGIC").await;
+    }
+    // Another address fills its per-IP quota; one more is refused.
+    let other = "127.0.0.2".parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(RawClient::connect_from(server.addr, other).await);
+    }
+    let mut over = RawClient::connect_from(server.addr, other).await;
+    over.expect_error("TOO_MANY_CONNECTIONS").await;
+
+    let body = scrape_until(metrics, "heartbeat_timeouts_total", 1.0).await;
+    let body = if sample(&body, "messages_sent_total").unwrap_or(0.0) < 10.0 {
+        scrape_until(metrics, "messages_sent_total", 10.0).await
+    } else {
+        body
+    };
+    let expect_at_least = |series: &str, min: f64| {
+        let value = sample(&body, series).unwrap_or_else(|| panic!("{series} missing:\n{body}"));
+        assert!(value >= min, "{series} = {value}, expected >= {min}");
+    };
+    // The subscriber and the four held connections are open.
+    expect_at_least("active_connections", 5.0);
+    expect_at_least("messages_sent_total", 10.0);
+    expect_at_least("bytes_sent_total", 10.0 * 12.0);
+    expect_at_least("heartbeat_timeouts_total", 1.0);
+    for mode in ["second", "minute"] {
+        expect_at_least(&format!("ticks_published_total{{mode=\"{mode}\"}}"), 1.0);
+        expect_at_least(&format!("batches_published_total{{mode=\"{mode}\"}}"), 1.0);
+        expect_at_least(&format!("subscribers{{mode=\"{mode}\"}}"), 1.0);
+    }
+    expect_at_least("errors_sent_total{code=\"HEARTBEAT_TIMEOUT\"}", 1.0);
+    expect_at_least("errors_sent_total{code=\"AUTH_FAILED\"}", 1.0);
+    expect_at_least("errors_sent_total{code=\"BAD_MAGIC\"}", 1.0);
+    expect_at_least("errors_sent_total{code=\"TOO_MANY_CONNECTIONS\"}", 1.0);
+    expect_at_least("auth_failures_total{reason=\"AUTH_FAILED\"}", 1.0);
+    expect_at_least("connections_rejected_total{reason=\"per_ip\"}", 1.0);
+    expect_at_least("connections_accepted_total", 9.0);
+    // A histogram with sub-millisecond buckets, not a summary.
+    assert!(
+        body.contains("# TYPE publish_latency_ms histogram"),
+        "publish_latency_ms is not a histogram:\n{body}"
+    );
+    expect_at_least("publish_latency_ms_bucket{le=\"0.1\"}", 0.0);
+    expect_at_least("publish_latency_ms_bucket{le=\"0.5\"}", 0.0);
+    expect_at_least("publish_latency_ms_bucket{le=\"+Inf\"}", 10.0);
+    expect_at_least("publish_latency_ms_count", 10.0);
+    expect_at_least("writer_lag_batches_count", 1.0);
+
+    promtool_check(&body);
+    keepalive.abort();
+    drop(held);
+}
+
+/// Runs `promtool check metrics` on `exposition`: format errors fail, and of
+/// the lint findings only [`ALLOWED_LINT`] are accepted.
+fn promtool_check(exposition: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        return;
+    }
+    // promtool exits 3 for lint findings only, 1 for an unparsable exposition.
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "promtool rejected the exposition: {report}\n{exposition}"
+    );
+    for finding in report.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            ALLOWED_LINT.iter().any(|name| finding.starts_with(name)),
+            "promtool lint finding: {finding}\nfull report:\n{report}"
+        );
+    }
+}
