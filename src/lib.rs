@@ -19,12 +19,14 @@
 //! - [`tls`]: rustls TLS 1.3 server and client configuration, mTLS.
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
 //! - [`server`]: accept loop, connection tasks, shutdown.
+//! - [`client`]: client library: AUTH, SUBSCRIBE, heartbeats, gaps, reconnect and resume.
 //! - [`telemetry`]: JSON logs.
 //!
 //! PROTOCOL.md describes the wire protocol byte by byte.
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod error;
