@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use tickstream::config::ServeArgs;
 
 mod serve;
+mod sub;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -25,11 +26,14 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Subscribe and print ticks.
+    Sub(sub::SubArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Sub(args) => sub::run(args),
     }
 }
