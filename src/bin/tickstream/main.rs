@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tickstream::config::ServeArgs;
 
+mod bench;
 mod serve;
 mod sub;
 
@@ -28,6 +29,8 @@ enum Command {
     Serve(ServeArgs),
     /// Subscribe and print ticks.
     Sub(sub::SubArgs),
+    /// Load generator: N connections, latency percentiles, server CPU and RSS.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,5 +38,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Sub(args) => sub::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
