@@ -12,7 +12,7 @@
 //! no address runs out of ephemeral ports. The parent steers them with lines
 //! on their stdin ("start", "stop") and merges their results.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tickstream::client::{Client, ClientOptions, Event};
 use tickstream::proto::Mode;
+use tickstream::ClientError;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -279,10 +280,10 @@ async fn worker(
     mut phase: watch::Receiver<Phase>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<Tally> {
-    let options = ClientOptions {
-        bind,
-        ..ClientOptions::default()
-    };
+    let options = ClientOptions::default();
+    // Explicit source ports: bind(port 0) scans every bound port of the
+    // address, which at 19k sockets costs more CPU than the whole run.
+    let ports = Arc::new(AtomicU64::new(u64::from(FIRST_SOURCE_PORT)));
     let mut modes: Vec<Mode> = args.modes.iter().map(|&m| m.into()).collect();
     modes.sort_by_key(|&m| m as i32);
     modes.dedup();
@@ -296,9 +297,10 @@ async fn worker(
         }
         let (addr, user, password) = (args.addr.clone(), args.user.clone(), password.clone());
         let (options, modes, shared, stop) = (options.clone(), modes.clone(), shared.clone(), stop.clone());
+        let ports = ports.clone();
         tasks.spawn(async move {
             tokio::select! {
-                () = connection(&addr, &user, &password, options, &modes, &shared) => {}
+                () = connection(&addr, &user, &password, options, bind, &ports, &modes, &shared) => {}
                 () = stop.cancelled() => {}
             }
         });
@@ -342,21 +344,34 @@ async fn worker(
 }
 
 /// One subscribed connection, until it fails or the task is cancelled.
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     addr: &str,
     user: &str,
     password: &str,
-    options: ClientOptions,
+    mut options: ClientOptions,
+    bind: Option<IpAddr>,
+    ports: &AtomicU64,
     modes: &[Mode],
     shared: &Shared,
 ) {
     let setup = async {
-        let mut client = Client::connect_with(addr, options).await?;
+        let mut attempt = 0;
+        let mut client = loop {
+            options.bind = bind.map(|ip| SocketAddr::new(ip, next_port(ports)));
+            match Client::connect_with(addr, options.clone()).await {
+                // A port another socket holds: take the next one.
+                Err(ClientError::Connect(e)) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < 16 => {
+                    attempt += 1;
+                }
+                other => break other?,
+            }
+        };
         client.authenticate(user, password).await?;
         for &mode in modes {
             client.subscribe(mode).await?;
         }
-        Ok::<_, tickstream::ClientError>(client)
+        Ok::<_, ClientError>(client)
     };
     let mut client = match setup.await {
         Ok(c) => c,
@@ -671,6 +686,13 @@ fn bind_ip(args: &BenchArgs, index: u32) -> Option<IpAddr> {
     loopback.then(|| IpAddr::V4(Ipv4Addr::from(u32::from(args.source_ip) + index)))
 }
 
+/// The next source port in [FIRST_SOURCE_PORT, 65535], wrapping.
+fn next_port(ports: &AtomicU64) -> u16 {
+    let span = u64::from(u16::MAX - FIRST_SOURCE_PORT) + 1;
+    let n = ports.fetch_add(1, Relaxed);
+    FIRST_SOURCE_PORT + ((n - u64::from(FIRST_SOURCE_PORT)) % span) as u16
+}
+
 /// Splits `n` into shares of at most `per`, as even as possible.
 fn split(n: u64, per: u64) -> Vec<u64> {
     let parts = n.div_ceil(per);
@@ -713,6 +735,9 @@ fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
         .collect()
 }
 
+/// Lowest explicit source port; below it sit well-known and registered
+/// services someone may run on loopback.
+const FIRST_SOURCE_PORT: u16 = 10_000;
 /// Latency samples a task buffers before taking the shared histogram's lock.
 const LATENCY_FLUSH: usize = 256;
 /// /proc reports CPU time in USER_HZ, which Linux fixes at 100 for userspace.
