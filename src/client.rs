@@ -628,6 +628,10 @@ async fn connect_one(target: SocketAddr, bind: Option<SocketAddr>) -> std::io::R
         TcpSocket::new_v6()?
     };
     if let Some(local) = bind {
+        // An explicit port may still be in TIME_WAIT from an earlier run.
+        if local.port() != 0 {
+            socket.set_reuseaddr(true)?;
+        }
         socket.bind(local)?;
     }
     socket.connect(target).await

@@ -12,6 +12,7 @@
 //! no address runs out of ephemeral ports. The parent steers them with lines
 //! on their stdin ("start", "stop") and merges their results.
 
+use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -283,7 +284,9 @@ async fn worker(
     let options = ClientOptions::default();
     // Explicit source ports: bind(port 0) scans every bound port of the
     // address, which at 19k sockets costs more CPU than the whole run.
-    let ports = Arc::new(AtomicU64::new(u64::from(FIRST_SOURCE_PORT)));
+    // A random start keeps consecutive runs off each other's TIME_WAIT ports.
+    let start = u64::from(FIRST_SOURCE_PORT) + rand::random::<u64>() % 50_000;
+    let ports = Arc::new(AtomicU64::new(start));
     let mut modes: Vec<Mode> = args.modes.iter().map(|&m| m.into()).collect();
     modes.sort_by_key(|&m| m as i32);
     modes.dedup();
@@ -361,7 +364,10 @@ async fn connection(
             options.bind = bind.map(|ip| SocketAddr::new(ip, next_port(ports)));
             match Client::connect_with(addr, options.clone()).await {
                 // A port another socket holds: take the next one.
-                Err(ClientError::Connect(e)) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < 16 => {
+                Err(ClientError::Connect(e))
+                    if matches!(e.kind(), ErrorKind::AddrInUse | ErrorKind::AddrNotAvailable)
+                        && attempt < 16 =>
+                {
                     attempt += 1;
                 }
                 other => break other?,
