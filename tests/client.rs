@@ -221,3 +221,53 @@ async fn without_reconnect_a_dropped_connection_is_an_error() {
     assert!(matches!(err, ClientError::Closed), "{err}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_restarted_server_is_reported_as_a_reset_not_a_gap() {
+    let mut cfg = config();
+    cfg.synthetic_rate = 2000;
+    let server = start(cfg.clone()).await;
+    let addr = server.addr;
+    let mut client = Client::connect_with(&addr.to_string(), reconnecting(Duration::from_millis(50)))
+        .await
+        .unwrap();
+    client.authenticate("alice", "secret").await.unwrap();
+    let mut expected = client.subscribe(Mode::Second).await.unwrap();
+    // Half a second of data: the old process is ~1,000 ticks in, and the new
+    // one will be far below that when the client resumes.
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        if let Event::Batch(b) = next(&mut client).await {
+            expected = b.first_seq + b.ticks.len() as u64;
+        }
+    }
+    server.stop().await;
+    cfg.listen = addr;
+    let restarted = start(cfg).await;
+    let mut saw_reconnect = false;
+    for _ in 0..100 {
+        match next(&mut client).await {
+            Event::Reconnected { .. } => saw_reconnect = true,
+            // Batches already buffered from the old process.
+            Event::Batch(b) if !saw_reconnect => expected = b.first_seq + b.ticks.len() as u64,
+            Event::Reset {
+                mode,
+                expected: from,
+                got,
+            } => {
+                assert!(saw_reconnect);
+                assert_eq!(mode, Mode::Second);
+                assert_eq!(from, expected, "the reset names where the client was");
+                assert!(got < from, "the new process numbers from 0");
+                match next(&mut client).await {
+                    Event::Batch(b) => assert_eq!(b.first_seq, got),
+                    other => panic!("expected the first batch of the new stream, got {other:?}"),
+                }
+                restarted.stop().await;
+                return;
+            }
+            other => panic!("expected a reset, got {other:?}"),
+        }
+    }
+    panic!("no reset reported");
+}
