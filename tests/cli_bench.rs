@@ -34,6 +34,8 @@ async fn workers_merge_into_one_gap_free_result_with_server_figures() {
     let server = spawn_server(&["--synthetic-rate", "400"], &[]);
     let addr = server.addr.to_string();
     let pid = server.pid().to_string();
+    let png = std::env::temp_dir().join(format!("tickstream-bench-{}.png", std::process::id()));
+    let png_arg = png.to_str().unwrap().to_owned();
     let (code, v, stderr) = bench(
         &[
             "--addr",
@@ -52,6 +54,8 @@ async fn workers_merge_into_one_gap_free_result_with_server_figures() {
             "minute",
             "--server-pid",
             &pid,
+            "--plot",
+            &png_arg,
         ],
         "secret",
     )
@@ -70,6 +74,10 @@ async fn workers_merge_into_one_gap_free_result_with_server_figures() {
     );
     assert!(v["latency_us"]["p50"].as_u64().unwrap() > 0);
     assert!(v["server"]["cpu_s"].as_f64().is_some(), "{v}");
+    let image = std::fs::read(&png).unwrap_or_else(|e| panic!("--plot wrote no file ({e}): {stderr}"));
+    let _ = std::fs::remove_file(&png);
+    assert_eq!(&image[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
+    assert!(image.len() > 5_000, "a chart, not an empty image");
 }
 
 #[tokio::test]

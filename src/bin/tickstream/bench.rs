@@ -14,6 +14,7 @@
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -92,6 +93,14 @@ pub struct BenchArgs {
     /// Sample this process's CPU time and RSS from /proc over the window.
     #[arg(long)]
     pub server_pid: Option<u32>,
+
+    /// Draw the latency distribution (latency against percentile) into this PNG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+
+    /// TrueType font for --plot's labels.
+    #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
+    pub plot_font: PathBuf,
 
     /// Internal: run as a worker of a parent bench process.
     #[arg(long, hide = true)]
@@ -616,6 +625,16 @@ fn report(
         }
         _ => serde_json::Value::Null,
     };
+    if let Some(path) = &args.plot {
+        if let Err(e) = plot(
+            path,
+            &args.plot_font,
+            &latency,
+            &format!("{} connections, {}", args.connections, args.addr),
+        ) {
+            eprintln!("tickstream bench: --plot {}: {e:#}", path.display());
+        }
+    }
     let us = |q: f64| latency.value_at_quantile(q);
     let ok = failed == 0 && errors == 0 && gaps == 0 && connected == args.connections;
     let json = json!({
@@ -644,6 +663,54 @@ fn report(
         json: json.to_string(),
         ok,
     }
+}
+
+/// Latency (ms) against percentile on a "nines" axis: x = -log10(1 - q),
+/// so 90 %, 99 %, 99.9 % are evenly spaced.
+fn plot(path: &Path, font: &Path, latency: &Histogram<u64>, title: &str) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+
+    if latency.is_empty() {
+        bail!("no latency samples to plot");
+    }
+    let bytes = std::fs::read(font).with_context(|| format!("font {} (set --plot-font)", font.display()))?;
+    // register_font keeps the bytes for the life of the process; one plot per run.
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(bytes.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("font {} is not a usable TTF", font.display()))?;
+    let points: Vec<(f64, f64)> = (0..=PLOT_POINTS)
+        .map(|i| {
+            let nines = MAX_NINES * i as f64 / PLOT_POINTS as f64;
+            let q = 1.0 - 10f64.powf(-nines);
+            (nines, latency.value_at_quantile(q) as f64 / 1000.0)
+        })
+        .collect();
+    let y_max = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.1;
+    let root = BitMapBackend::new(path, (960, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("tickstream bench latency: {title}"), ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..MAX_NINES, 0f64..y_max.max(0.001))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_labels(6)
+        .x_label_formatter(&|n| format!("{}%", round(100.0 * (1.0 - 10f64.powf(-n)), 3)))
+        .x_desc("percentile")
+        .y_desc("latency (ms)")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .draw_series(LineSeries::new(points, BLUE.stroke_width(2)))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
 }
 
 /// A server's cumulative CPU time and current RSS.
@@ -744,6 +811,10 @@ fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
 /// Lowest explicit source port; below it sit well-known and registered
 /// services someone may run on loopback.
 const FIRST_SOURCE_PORT: u16 = 10_000;
+/// --plot's x axis runs to 99.999 %.
+const MAX_NINES: f64 = 5.0;
+/// Points sampled along --plot's curve.
+const PLOT_POINTS: usize = 200;
 /// Latency samples a task buffers before taking the shared histogram's lock.
 const LATENCY_FLUSH: usize = 256;
 /// /proc reports CPU time in USER_HZ, which Linux fixes at 100 for userspace.
