@@ -35,6 +35,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::sub::ModeArg;
+use peers::Protocol;
+
+mod peers;
 
 /// Exit status when the run saw a gap, a connection error or a failed connect.
 const EXIT_FAILED_RUN: u8 = 1;
@@ -102,6 +105,20 @@ pub struct BenchArgs {
     #[arg(long, default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")]
     pub plot_font: PathBuf,
 
+    /// Whose server to load: tickstream, or nats-server / redis-server for
+    /// comparison (one publisher connection at --rate, N subscribers).
+    #[arg(long, value_enum, default_value_t = Protocol::Tickstream)]
+    pub protocol: Protocol,
+
+    /// --protocol nats|redis: messages published per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u64,
+
+    /// --protocol nats|redis: message size in bytes (a one-tick tickstream
+    /// DATA_BATCH frame is about 30 bytes).
+    #[arg(long, default_value_t = 32)]
+    pub size: usize,
+
     /// Internal: run as a worker of a parent bench process.
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -121,7 +138,11 @@ fn run_inner(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.connections == 0 || args.per_process == 0 {
         bail!("--connections and --per-process must be at least 1");
     }
-    let password = std::env::var("TICKSTREAM_PASSWORD").context("set TICKSTREAM_PASSWORD")?;
+    let password = match std::env::var("TICKSTREAM_PASSWORD") {
+        Ok(p) => p,
+        Err(_) if args.protocol != Protocol::Tickstream => String::new(),
+        Err(_) => bail!("set TICKSTREAM_PASSWORD"),
+    };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -224,6 +245,16 @@ async fn coordinate(args: &BenchArgs, password: &str) -> anyhow::Result<Report> 
         }
     }
     progress.finish_and_clear();
+    let stop_publisher = tokio_util::sync::CancellationToken::new();
+    let publisher = (args.protocol != Protocol::Tickstream).then(|| {
+        tokio::spawn(peers::publisher(
+            args.protocol,
+            args.addr.clone(),
+            args.rate,
+            args.size,
+            stop_publisher.clone(),
+        ))
+    });
     tokio::time::sleep(args.warmup.into()).await;
 
     let cpu_start = args.server_pid.map(read_proc).transpose()?;
@@ -252,6 +283,10 @@ async fn coordinate(args: &BenchArgs, password: &str) -> anyhow::Result<Report> 
     let cpu_end = args.server_pid.map(read_proc).transpose()?;
     let measured = started.elapsed();
 
+    stop_publisher.cancel();
+    if let Some(p) = publisher {
+        p.await??;
+    }
     let mut tallies = Vec::new();
     if let Some((tx, task)) = local {
         let _ = tx.send(Phase::Stop);
@@ -310,7 +345,16 @@ async fn worker(
         let (addr, user, password) = (args.addr.clone(), args.user.clone(), password.clone());
         let (options, modes, shared, stop) = (options.clone(), modes.clone(), shared.clone(), stop.clone());
         let ports = ports.clone();
+        let protocol = args.protocol;
         tasks.spawn(async move {
+            if protocol != Protocol::Tickstream {
+                let local = bind.map(|ip| SocketAddr::new(ip, next_port(&ports)));
+                tokio::select! {
+                    () = peers::subscriber(protocol, &addr, local, &shared) => {}
+                    () = stop.cancelled() => {}
+                }
+                return;
+            }
             tokio::select! {
                 () = connection(&addr, &user, &password, options, bind, &ports, &modes, &shared) => {}
                 () = stop.cancelled() => {}
@@ -542,6 +586,7 @@ fn spawn_child(args: &BenchArgs, n: u64, index: usize) -> anyhow::Result<Child> 
         ])
         .args(["--connect-timeout", &args.connect_timeout.to_string()])
         .args(["--source-ip", &source.to_string()])
+        .args(["--protocol", &format!("{:?}", args.protocol).to_lowercase()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
@@ -639,6 +684,7 @@ fn report(
     let ok = failed == 0 && errors == 0 && gaps == 0 && connected == args.connections;
     let json = json!({
         "ok": ok,
+        "protocol": format!("{:?}", args.protocol).to_lowercase(),
         "addr": args.addr,
         "connections": args.connections,
         "connected": connected,
