@@ -169,6 +169,20 @@ pub enum ClientError {
     Unexpected(String),
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    #[error("lost {mode:?} ticks {expected}..{got}")]
+    Gap {
+        mode: crate::proto::Mode,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{mode:?} stream restarted: expected {expected}, server is at {got}")]
+    Reset {
+        mode: crate::proto::Mode,
+        expected: u64,
+        got: u64,
+    },
+    #[error("connection was replaced by a new one")]
+    Reconnected,
 }
 
 impl ClientError {

@@ -20,6 +20,7 @@
 //! - [`proxy`]: PROXY protocol v1/v2 headers from a load balancer.
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
 //! - [`server`]: accept loop, connection tasks, shutdown.
+//! - [`client`]: client library: AUTH, SUBSCRIBE, heartbeats, gaps, reconnect and resume.
 //! - [`telemetry`]: JSON logs, their rate limit, optional OpenTelemetry spans.
 //!
 //! PROTOCOL.md describes the wire protocol byte by byte.
@@ -28,6 +29,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod error;

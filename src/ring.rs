@@ -326,8 +326,6 @@ struct WakeRegistry {
     len: AtomicUsize,
 }
 
-type WakeShard = Mutex<Slab<Arc<AtomicWaker>>>;
-
 const WAKE_SHARDS: usize = 64;
 
 impl WakeRegistry {

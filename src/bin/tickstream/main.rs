@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tickstream::config::ServeArgs;
 
+mod bench;
 mod hash_password;
 mod serve;
+mod sub;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -30,6 +32,10 @@ enum Command {
     Serve(ServeArgs),
     /// Read a password from stdin and print its argon2id hash for TICKSTREAM_USERS.
     HashPassword(hash_password::HashPasswordArgs),
+    /// Subscribe and print ticks.
+    Sub(sub::SubArgs),
+    /// Load generator: N connections, latency percentiles, server CPU and RSS.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,5 +43,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::HashPassword(args) => hash_password::run(args),
+        Command::Sub(args) => sub::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
