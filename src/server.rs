@@ -215,7 +215,11 @@ pub async fn run_with_reload(
             let _admitted = (permit, ip_slot);
             metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1.0);
             match tls {
-                Some(acceptor) => handshake_then_serve(&acceptor, stream, peer, conn_id, &shared).await,
+                // Boxed: a TLS session's future is twice a plain one's, and an
+                // unboxed branch would make every plain connection's task that big.
+                Some(acceptor) => {
+                    Box::pin(handshake_then_serve(&acceptor, stream, peer, conn_id, &shared)).await
+                }
                 None => serve(stream, peer, conn_id, &shared).await,
             }
             metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1.0);
@@ -473,24 +477,68 @@ async fn serve<S>(stream: S, peer: SocketAddr, conn_id: u64, shared: &Arc<Shared
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let now = Instant::now();
+    // Fields of the session span (`otel` feature); no-ops without it.
+    let span = tracing::Span::current();
+    span.record("peer", tracing::field::display(peer));
+    let mut conn: Connection<S, Outgoing> = Connection::new(stream, MAX_CLIENT_PAYLOAD);
+    let mut user: Option<String> = None;
+    // The session's state (timer, cursors, wake registration) lives in its
+    // own future and is gone before the close below: the task's future is
+    // the larger of the two phases, not their sum.
+    let closing = run_session(&mut conn, peer, conn_id, shared, &mut user, &span).await;
+
+    let user = user.as_deref().unwrap_or("");
+    let Some(error) = closing else {
+        debug!(conn_id, %peer, user, "connection closed by peer");
+        return;
+    };
+    let code = error.code();
+    span.record("code", code.as_str());
+    record_close(code, &error, shared);
+    if code == ErrorCode::SlowConsumer {
+        conn.discard_unstarted();
+    }
+    conn.enqueue(Outgoing::Control(frame::encode_error(code, error.to_string())));
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if conn.shutdown().await.is_ok() {
+            conn.drain_input(CLOSE_DRAIN_LIMIT).await;
+        }
+    })
+    .await;
+    if code == ErrorCode::ServerShutdown {
+        debug!(conn_id, %peer, user, code = code.as_str(), "connection closed");
+        return;
+    }
+    if shared.noisy_log_allowed() {
+        info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error");
+    }
+}
+
+/// Runs the session until it must end: `Some(error)` to send before closing,
+/// `None` when the peer went away.
+async fn run_session<S>(
+    conn: &mut Connection<S, Outgoing>,
+    peer: SocketAddr,
+    conn_id: u64,
+    shared: &Arc<Shared>,
+    user: &mut Option<String>,
+    span: &tracing::Span,
+) -> Option<SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let session_id = format!(
         "{:016x}",
         shared.session_salt ^ conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     );
-    // Fields of the session span (`otel` feature); no-ops without it.
-    let span = tracing::Span::current();
-    span.record("peer", tracing::field::display(peer));
-    let mut session = Session::new(shared.timing, peer.ip(), session_id, now);
-    let mut conn: Connection<S, Outgoing> = Connection::new(stream, MAX_CLIENT_PAYLOAD);
+    let mut session = Session::new(shared.timing, peer.ip(), session_id, Instant::now());
     let mut subs: [Option<Subscription>; 2] = [None, None];
-    let mut user: Option<String> = None;
     let waker = Arc::new(AtomicWaker::new());
     let sampled = conn_id % shared.latency_sample == 0;
     let mut timer = pin!(tokio::time::sleep_until(session.deadline()));
     let mut cancelled = pin!(shared.shutdown.cancelled());
 
-    let closing: Option<SessionError> = loop {
+    loop {
         let event = poll_fn(|cx| {
             if cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
@@ -498,7 +546,7 @@ where
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Timeout);
             }
-            if let Some(event) = pump_data(cx, &mut conn, &mut subs, &waker, shared, sampled) {
+            if let Some(event) = pump_data(cx, conn, &mut subs, &waker, shared, sampled) {
                 return Poll::Ready(event);
             }
             // Stop reading while replies pile up for a peer that does not
@@ -518,16 +566,17 @@ where
 
         match event {
             Event::Frame(frame) => {
-                if let (None, Frame::Auth(auth)) = (&user, &frame) {
+                if let (None, Frame::Auth(auth)) = (&*user, &frame) {
                     // Logged on a failed AUTH too: which name a guesser tries.
-                    user = Some(auth.username.clone());
+                    *user = Some(auth.username.clone());
                 }
                 let mut outcome =
                     session.on_frame(frame, Instant::now(), &shared.credentials, &shared.limiter);
                 if let Ok(Outcome::CheckCredentials(attempt)) = outcome {
-                    let Some((attempt, valid)) = check_credentials(attempt, session.deadline(), shared).await
+                    let Some((attempt, valid)) =
+                        Box::pin(check_credentials(attempt, session.deadline(), shared)).await
                     else {
-                        break Some(session.timeout_error());
+                        return Some(session.timeout_error());
                     };
                     outcome = session.on_credentials_checked(attempt, valid, Instant::now(), &shared.limiter);
                 }
@@ -535,7 +584,7 @@ where
                     Ok(Outcome::Authenticated { user: name, ack }) => {
                         debug!(conn_id, %peer, user = %name, "authenticated");
                         span.record("user", name.as_str());
-                        user = Some(name);
+                        *user = Some(name);
                         conn.enqueue(Outgoing::Control(ack));
                     }
                     Ok(Outcome::Subscribe {
@@ -548,53 +597,25 @@ where
                     Ok(Outcome::Heartbeat { reply }) => conn.enqueue(Outgoing::Control(reply)),
                     Ok(Outcome::CheckCredentials(_)) => {
                         // on_credentials_checked never hands the check back again.
-                        break Some(SessionError::ProtocolViolation("credentials checked twice"));
+                        return Some(SessionError::ProtocolViolation("credentials checked twice"));
                     }
-                    Err(e) => break Some(e),
+                    Err(e) => return Some(e),
                 }
                 if timer.deadline() != session.deadline() {
                     // Always later than before: tokio extends the entry with a CAS.
                     timer.as_mut().reset(session.deadline());
                 }
             }
-            Event::Timeout => break Some(session.timeout_error()),
-            Event::Lagged => break Some(SessionError::SlowConsumer),
-            Event::Shutdown => break Some(SessionError::ServerShutdown),
-            Event::ReadFailed(ReadError::Frame(e)) => break Some(e.into()),
+            Event::Timeout => return Some(session.timeout_error()),
+            Event::Lagged => return Some(SessionError::SlowConsumer),
+            Event::Shutdown => return Some(SessionError::ServerShutdown),
+            Event::ReadFailed(ReadError::Frame(e)) => return Some(e.into()),
             Event::WriteFailed(e) => {
                 debug!(conn_id, %peer, cause = %e, "write failed");
-                break None;
+                return None;
             }
-            Event::Closed | Event::ReadFailed(_) => break None,
+            Event::Closed | Event::ReadFailed(_) => return None,
         }
-    };
-
-    let user = user.as_deref().unwrap_or("");
-    let Some(error) = closing else {
-        debug!(conn_id, %peer, user, "connection closed by peer");
-        return;
-    };
-    let code = error.code();
-    span.record("code", code.as_str());
-    record_close(code, &error, shared);
-    if code == ErrorCode::SlowConsumer {
-        conn.discard_unstarted();
-    }
-    // Subscriptions end now: a closing connection takes no more data.
-    drop(subs);
-    conn.enqueue(Outgoing::Control(frame::encode_error(code, error.to_string())));
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        if conn.shutdown().await.is_ok() {
-            conn.drain_input(CLOSE_DRAIN_LIMIT).await;
-        }
-    })
-    .await;
-    if code == ErrorCode::ServerShutdown {
-        debug!(conn_id, %peer, user, code = code.as_str(), "connection closed");
-        return;
-    }
-    if shared.noisy_log_allowed() {
-        info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error");
     }
 }
 
