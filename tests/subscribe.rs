@@ -133,7 +133,11 @@ async fn a_burst_of_10k_ticks_per_second_arrives_without_loss() {
 
 #[tokio::test]
 async fn minute_stream_ticks_on_the_minute_boundary() {
-    let server = start(config()).await;
+    // The wait for the boundary may outlast the default 20 s heartbeat timeout.
+    let mut cfg = config();
+    cfg.heartbeat_interval = Duration::from_secs(60);
+    cfg.heartbeat_timeout = Duration::from_secs(90);
+    let server = start(cfg).await;
     let (mut client, _) = RawClient::authenticated(server.addr).await;
     client.send(&subscribe_frame(Mode::Minute)).await;
     let ack = client.recv().await.ack();
