@@ -46,9 +46,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
         }
         let shutdown = CancellationToken::new();
         let reload = server::TlsReload::default();
-        tokio::spawn(watch_signals(shutdown.clone()));
-        // Installed before the server logs "serving": SIGHUP's default
-        // action would otherwise end the process.
+        // All handlers are installed before the server logs "serving": a
+        // signal's default action would otherwise end the process.
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(term), Ok(int)) => drop(tokio::spawn(watch_signals(term, int, shutdown.clone()))),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(cause = %e, "cannot install the SIGTERM/SIGINT handlers")
+            }
+        }
         match signal(SignalKind::hangup()) {
             Ok(hup) => drop(tokio::spawn(watch_sighup(hup, reload.clone()))),
             Err(e) => tracing::error!(cause = %e, "cannot install the SIGHUP handler"),
@@ -63,12 +68,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn watch_signals(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn watch_signals(mut term: Signal, mut int: Signal, shutdown: CancellationToken) {
     tokio::select! {
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
         _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
