@@ -318,10 +318,13 @@ impl Drop for Registration {
 /// Wakers sharded over several slabs, so that a subscribe or a disconnect
 /// waits for at most one shard of the wake walk, not all 100k entries.
 struct WakeRegistry {
-    shards: Box<[CachePadded<Mutex<Slab<Arc<AtomicWaker>>>>]>,
+    shards: Box<[CachePadded<WakeShard>]>,
     next_shard: AtomicUsize,
     len: AtomicUsize,
 }
+
+/// One shard of the registry: the wakers of some subscribers.
+type WakeShard = Mutex<Slab<Arc<AtomicWaker>>>;
 
 const WAKE_SHARDS: usize = 64;
 

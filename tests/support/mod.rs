@@ -3,6 +3,9 @@
 //! with the independent `crc32c` crate and decodes payloads with prost
 //! directly (not through the code under test).
 #![allow(dead_code)]
+// Test helpers: a panic is how a test fails; a child left by a panic while
+// spawning dies with the test process.
+#![allow(clippy::unwrap_used, clippy::zombie_processes)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -67,8 +70,14 @@ pub struct ServerProcess {
 /// Starts `tickstream serve --listen 127.0.0.1:0 --metrics-listen off <args>`
 /// and waits for its "serving" log line to learn the port.
 pub fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+    spawn_server_at("127.0.0.1:0", args, env)
+}
+
+/// Like [`spawn_server`], listening on `listen` (e.g. the port of a server
+/// that was just killed, to test a restart on the same address).
+pub fn spawn_server_at(listen: &str, args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tickstream"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+    cmd.args(["serve", "--listen", listen, "--metrics-listen", "off"])
         .args(args)
         .env("TICKSTREAM_USERS", USERS)
         .env_remove("RUST_LOG")
