@@ -14,12 +14,14 @@
 //! - [`auth`]: credentials from `TICKSTREAM_USERS` and the failed-AUTH limiter.
 //! - [`session`]: the per-connection protocol state machine, without I/O.
 //! - [`ring`]: the per-mode broadcast ring and its wake registry; SLOW_CONSUMER.
+//! - `sync`: the ring's atomics, slots, locks and wakers; loom stand-ins under `--cfg loom`.
 //! - [`tick`]: clock boundaries, synthetic load, batching, encode once.
 //! - [`connection`]: framed reads and vectored writes over TCP or TLS.
 //! - [`tls`]: rustls TLS 1.3 server and client configuration, mTLS.
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
 //! - [`server`]: accept loop, connection tasks, shutdown.
 //! - [`telemetry`]: JSON logs.
+//! - `fuzzing` (only under `--cfg fuzzing`): entry points for the targets in `fuzz/`.
 //!
 //! PROTOCOL.md describes the wire protocol byte by byte.
 #![forbid(unsafe_code)]
@@ -29,11 +31,14 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod frame;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod proto;
 pub mod ring;
 pub mod server;
 pub mod session;
+mod sync;
 pub mod telemetry;
 pub mod tick;
 pub mod tls;

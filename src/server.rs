@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -38,7 +37,7 @@ use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, Frame, MAX_CLIENT_PAYLOAD};
 use crate::metrics::{self as m, Metrics};
 use crate::proto::Mode;
-use crate::ring::{Cursor, Entry, Read, Registration, Ring};
+use crate::ring::{AtomicWaker, Cursor, Entry, Read, Registration, Ring};
 use crate::session::{self, Outcome, Session, Timing};
 use crate::tick::{self, ProducerConfig};
 use crate::tls;
