@@ -10,7 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
-export RUSTFLAGS="${RUSTFLAGS:-} --cfg loom"
+# build.rs turns this into `cfg(loom)` for tickstream alone: a global
+# `--cfg loom` would put tokio in its own loom mode (no tokio::net).
+export RUSTFLAGS="${RUSTFLAGS:-} --cfg tickstream_loom"
 export CARGO_PROFILE_RELEASE_LTO=false
 export CARGO_PROFILE_RELEASE_DEBUG=0
 export CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
