@@ -49,6 +49,10 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
 /// How long a closing connection may take to flush its ERROR and see EOF.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// A timeout noticed this late (or later) after its deadline is taken for a
+/// stall of the server itself, and the peer gets this long again to have its
+/// already-sent frames read before it is judged.
+const STALL_GRACE: Duration = Duration::from_millis(250);
 /// Bytes of client input read and discarded after a closing ERROR.
 const CLOSE_DRAIN_LIMIT: usize = 64 * 1024;
 /// Refill-and-write rounds per wake before yielding to other tasks.
@@ -359,6 +363,7 @@ where
     let sampled = conn_id % shared.latency_sample == 0;
     let mut timer = pin!(tokio::time::sleep_until(session.deadline()));
     let mut cancelled = pin!(shared.shutdown.cancelled());
+    let mut stall_grace_used = false;
 
     let closing: Option<SessionError> = loop {
         let event = poll_fn(|cx| {
@@ -405,12 +410,26 @@ where
                     Ok(Outcome::Heartbeat { reply }) => conn.enqueue(Outgoing::Control(reply)),
                     Err(e) => break Some(e),
                 }
+                stall_grace_used = false;
                 if timer.deadline() != session.deadline() {
                     // Always later than before: tokio extends the entry with a CAS.
                     timer.as_mut().reset(session.deadline());
                 }
             }
-            Event::Timeout => break Some(session.timeout_error()),
+            Event::Timeout => {
+                // A deadline noticed long after it passed means this process
+                // was not running (stopped, starved): the peer's frames may
+                // be in the socket, but the I/O driver has not reported them
+                // yet, so the timer won the race. Give it one STALL_GRACE to
+                // read them before judging the peer.
+                let now = Instant::now();
+                if !stall_grace_used && now.saturating_duration_since(session.deadline()) > STALL_GRACE {
+                    stall_grace_used = true;
+                    timer.as_mut().reset(now + STALL_GRACE);
+                    continue;
+                }
+                break Some(session.timeout_error());
+            }
             Event::Lagged => break Some(SessionError::SlowConsumer),
             Event::Shutdown => break Some(SessionError::ServerShutdown),
             Event::ReadFailed(ReadError::Frame(e)) => break Some(e.into()),
