@@ -603,6 +603,66 @@ fn sigkill_mid_stream_ends_every_client_cleanly_and_a_restart_serves_them() {
 }
 
 // ---------------------------------------------------------------------------
+// (g) the server itself stalls (SIGSTOP) for longer than the heartbeat timeout
+// ---------------------------------------------------------------------------
+
+/// 100 subscribers heartbeat every 500 ms against a 2 s timeout; the server
+/// is stopped for 3 s and continued. Their heartbeats wait in the server's
+/// sockets the whole time, so none of them may be closed: the server
+/// stalled, not they.
+#[test]
+fn a_server_stall_longer_than_the_heartbeat_timeout_drops_no_live_client() {
+    const CLIENTS: usize = 100;
+    let flags = with(
+        &BASE_FLAGS,
+        &["--heartbeat-interval", "1s", "--heartbeat-timeout", "2s"],
+    );
+    scenario("server-stall", &flags, |server, canary| async move {
+        let before = proc_stats(server.pid);
+        let mut clients = Vec::with_capacity(CLIENTS);
+        for _ in 0..CLIENTS {
+            clients.push(Canary::start(server.addr, Duration::from_millis(500)).await);
+        }
+        let signal = |name: &str| {
+            let status = std::process::Command::new("kill")
+                .args([&format!("-{name}"), &server.pid.to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{name}");
+        };
+        signal("STOP");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        signal("CONT");
+        // Two more timeouts' worth of normal service after the stall.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let mut tally = Tally::default();
+        let mut gaps = 0;
+        for client in clients {
+            let report = client.finish().await;
+            gaps += report.gaps;
+            tally.count(report.end.as_deref().unwrap_or("still-served"));
+        }
+        let after = settle(server.pid, before.fds).await;
+        let canary = canary.finish().await;
+        assert_eq!(gaps, 0, "a client saw a gap across the stall");
+        assert!(after.fds <= before.fds, "server fds leaked: {before:?} -> {after:?}");
+        assert_eq!(
+            tally.get("still-served"),
+            CLIENTS,
+            "clients dropped for the server's own stall: {tally}"
+        );
+        Figures {
+            tried: CLIENTS,
+            outcomes: tally,
+            canary,
+            before,
+            after,
+            note: "server SIGSTOPped 3 s against a 2 s heartbeat timeout".into(),
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
 // Scenario harness
 // ---------------------------------------------------------------------------
 
