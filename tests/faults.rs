@@ -645,7 +645,10 @@ fn a_server_stall_longer_than_the_heartbeat_timeout_drops_no_live_client() {
         let after = settle(server.pid, before.fds).await;
         let canary = canary.finish().await;
         assert_eq!(gaps, 0, "a client saw a gap across the stall");
-        assert!(after.fds <= before.fds, "server fds leaked: {before:?} -> {after:?}");
+        assert!(
+            after.fds <= before.fds,
+            "server fds leaked: {before:?} -> {after:?}"
+        );
         assert_eq!(
             tally.get("still-served"),
             CLIENTS,
