@@ -393,6 +393,7 @@ where
 
         match event {
             Event::Frame(frame) => {
+                let deadline_before = session.deadline();
                 let outcome = session.on_frame(frame, Instant::now(), &shared.credentials, &shared.limiter);
                 match outcome {
                     Ok(Outcome::Authenticated { user: name, ack }) => {
@@ -410,8 +411,11 @@ where
                     Ok(Outcome::Heartbeat { reply }) => conn.enqueue(Outgoing::Control(reply)),
                     Err(e) => break Some(e),
                 }
-                stall_grace_used = false;
-                if timer.deadline() != session.deadline() {
+                if session.deadline() != deadline_before {
+                    // AUTH or HEARTBEAT: the peer is alive, so a new deadline
+                    // and a fresh stall grace. Other frames (SUBSCRIBE) move
+                    // neither, so they cannot stretch a grace.
+                    stall_grace_used = false;
                     // Always later than before: tokio extends the entry with a CAS.
                     timer.as_mut().reset(session.deadline());
                 }
