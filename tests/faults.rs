@@ -185,9 +185,9 @@ fn slowloris_connections_are_ended_by_the_auth_timeout() {
 // (c) subscribers that never read while the source runs hot
 // ---------------------------------------------------------------------------
 
-/// 300 subscribers with a 4 KiB receive buffer fall behind a hot source
-/// (20k ticks/s, a 64-batch ring, 4 KiB send buffers): 150 never read at
-/// all, 150 read 512 bytes every 20 ms (~25 KB/s of a ~200 KB/s stream). The
+/// 300 subscribers fall behind a hot source (20k ticks/s, a 64-batch ring,
+/// 4 KiB send buffers): 150 never read at all, 150 read 512 bytes every
+/// 20 ms through a 4 KiB receive buffer (~25 KB/s of a ~200 KB/s stream). The
 /// server must close every one of them, tell SLOW_CONSUMER to each one that
 /// still reads, and its RSS must not grow with what they did not read.
 #[test]
@@ -213,7 +213,15 @@ fn subscribers_that_do_not_keep_up_get_slow_consumer_and_memory_stays_bounded() 
         let mut slow = JoinSet::new();
         for i in 0..STALLED + SLOW {
             let socket = TcpSocket::new_v4().expect("socket");
-            socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+            if i >= STALLED {
+                // Slow readers get a tiny window so they fall behind fast.
+                // Stalled ones keep the default: with a 4 KiB buffer, the
+                // receiver's silly-window avoidance can keep the window shut
+                // after a late drain, and the server's orphaned socket then
+                // waits on backed-off zero-window probes (seconds) before it
+                // delivers the rest and its FIN.
+                socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+            }
             let stream = socket.connect(server.addr).await.expect("connect");
             let mut reader = FrameReader::new(stream);
             let mut hello = auth_frame("alice", "secret");
@@ -250,9 +258,16 @@ fn subscribers_that_do_not_keep_up_get_slow_consumer_and_memory_stays_bounded() 
         }
         // Now read what each stalled one was sent: data in order, then
         // whatever the server managed to hand the kernel before it closed.
+        let mut drains = JoinSet::new();
         for mut reader in stalled {
-            let (end, stalled_gaps) = read_in_order(&mut reader, WAIT).await;
-            tally.count(&format!("stalled:{}", outcome_of(end, &mut reader).await));
+            drains.spawn(async move {
+                let (end, gaps) = read_in_order(&mut reader, WAIT).await;
+                (outcome_of(end, &mut reader).await, gaps)
+            });
+        }
+        while let Some(result) = drains.join_next().await {
+            let (outcome, stalled_gaps) = result.expect("stalled drain");
+            tally.count(&format!("stalled:{outcome}"));
             gaps += stalled_gaps;
         }
         let canary = canary.finish().await;
