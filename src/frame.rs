@@ -354,6 +354,21 @@ mod tests {
                     publish_time_us,
                 })),
             (s, s).prop_map(|(code, message)| Frame::Error(ErrorMsg { code, message })),
+            (0..6i32, s, any::<u32>(), any::<u32>(), 0..2i32, any::<u64>()).prop_map(
+                |(acked, session_id, heartbeat_interval_ms, heartbeat_timeout_ms, mode, next_seq)| {
+                    Frame::Ack(Ack {
+                        acked,
+                        session_id,
+                        heartbeat_interval_ms,
+                        heartbeat_timeout_ms,
+                        mode,
+                        next_seq,
+                    })
+                }
+            ),
+            // Any UTF-8, not just ASCII: string fields carry multi-byte text.
+            ("\\PC{0,20}", "\\PC{0,20}")
+                .prop_map(|(username, password)| Frame::Auth(Auth { username, password })),
         ]
     }
 
@@ -372,6 +387,17 @@ mod tests {
             }
             prop_assert_eq!(decoded, frames);
             prop_assert!(buf.is_empty());
+        }
+
+        /// CRC32C detects every single-bit error, so a flipped bit in the
+        /// payload or trailer of any frame is BAD_CRC, never a wrong frame.
+        #[test]
+        fn any_flipped_payload_or_crc_bit_is_bad_crc(frame in arb_frame(), pick in any::<usize>(), bit in 0u8..8) {
+            let mut bytes = frame.encode().to_vec();
+            let at = HEADER_LEN + pick % (bytes.len() - HEADER_LEN);
+            bytes[at] ^= 1 << bit;
+            let mut buf = BytesMut::from(&bytes[..]);
+            prop_assert_eq!(decode(&mut buf, MAX_BATCH_PAYLOAD).unwrap_err().code(), ErrorCode::BadCrc);
         }
 
         #[test]

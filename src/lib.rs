@@ -14,6 +14,7 @@
 //! - [`auth`]: credentials from `TICKSTREAM_USERS` and the failed-AUTH limiter.
 //! - [`session`]: the per-connection protocol state machine, without I/O.
 //! - [`ring`]: the per-mode broadcast ring and its wake registry; SLOW_CONSUMER.
+//! - `sync`: the ring's atomics, slots, locks and wakers; loom stand-ins under `--cfg loom`.
 //! - [`tick`]: clock boundaries, synthetic load, batching, encode once.
 //! - [`connection`]: framed reads and vectored writes over TCP or TLS.
 //! - [`tls`]: rustls TLS 1.3 server and client configuration, mTLS.
@@ -22,6 +23,7 @@
 //! - [`server`]: accept loop, connection tasks, shutdown.
 //! - [`client`]: client library: AUTH, SUBSCRIBE, heartbeats, gaps, reconnect and resume.
 //! - [`telemetry`]: JSON logs, their rate limit, optional OpenTelemetry spans.
+//! - `fuzzing` (only under `--cfg fuzzing`): entry points for the targets in `fuzz/`.
 //!
 //! PROTOCOL.md describes the wire protocol byte by byte.
 #![forbid(unsafe_code)]
@@ -34,12 +36,15 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod frame;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod proto;
 pub mod proxy;
 pub mod ring;
 pub mod server;
 pub mod session;
+mod sync;
 pub mod telemetry;
 pub mod tick;
 pub mod tls;

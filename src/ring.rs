@@ -34,16 +34,14 @@
 //! publish: wake-ups coalesce, and the writer then sends everything after its
 //! cursor in one vectored write.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwapOption;
-use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
 use slab::Slab;
+
+pub use crate::sync::AtomicWaker;
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, Slot};
 
 /// One published batch: its encoded frame and the tick sequence range it holds.
 #[derive(Debug)]
@@ -95,7 +93,7 @@ pub struct Start {
 
 /// A broadcast ring for one mode.
 pub struct Ring {
-    slots: Box<[ArcSwapOption<Entry>]>,
+    slots: Box<[Slot<Entry>]>,
     /// The next ring sequence to be written; every slot below it is readable.
     published: CachePadded<AtomicU64>,
     /// The tick sequence the first batch starts at.
@@ -116,7 +114,7 @@ impl Ring {
     pub fn starting_at(capacity: usize, initial_tick_seq: u64) -> (Arc<Ring>, Publisher) {
         assert!(capacity > 0, "ring capacity must be at least 1");
         let ring = Arc::new(Ring {
-            slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
+            slots: (0..capacity).map(|_| Slot::empty()).collect(),
             published: CachePadded::new(AtomicU64::new(0)),
             initial_tick_seq,
             wakers: WakeRegistry::new(),
@@ -315,9 +313,6 @@ impl Drop for Registration {
     }
 }
 
-/// One slab of registered connection wakers.
-type WakeShard = Mutex<Slab<Arc<AtomicWaker>>>;
-
 /// Wakers sharded over several slabs, so that a subscribe or a disconnect
 /// waits for at most one shard of the wake walk, not all 100k entries.
 struct WakeRegistry {
@@ -326,7 +321,12 @@ struct WakeRegistry {
     len: AtomicUsize,
 }
 
-const WAKE_SHARDS: usize = 64;
+/// One shard of the registry: the wakers of some subscribers.
+type WakeShard = Mutex<Slab<Arc<AtomicWaker>>>;
+
+/// Shards of the wake registry; two under loom, where each lock taken by a
+/// wake walk is a scheduling point the model checker must explore.
+const WAKE_SHARDS: usize = if cfg!(loom) { 2 } else { 64 };
 
 impl WakeRegistry {
     fn new() -> Self {
@@ -364,7 +364,10 @@ impl WakeRegistry {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, loom))]
+mod loom_models;
+
+#[cfg(all(test, not(loom)))]
 mod tests {
     use proptest::prelude::*;
 
@@ -455,48 +458,131 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
+        /// Publish a batch of 1..=4 ticks.
         Publish(u8),
-        Read(usize),
+        /// Cursor `r` reads `n` times in a row (a fast reader drains, a
+        /// slow one reads once in a while and laps).
+        Read(usize, u8),
+        /// Cursor `r` is replaced by a live subscription (a reconnect).
+        Subscribe(usize),
+        /// Cursor `r` is replaced by a resume from a tick `back` ticks
+        /// behind the head (past the head when `back` is negative).
+        Resume(usize, i16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u8..5).prop_map(Op::Publish),
+            4 => (0usize..CURSORS, 1u8..8).prop_map(|(r, n)| Op::Read(r, n)),
+            1 => (0usize..CURSORS).prop_map(Op::Subscribe),
+            1 => (0usize..CURSORS, -3i16..40).prop_map(|(r, back)| Op::Resume(r, back)),
+        ]
+    }
+
+    const CURSORS: usize = 4;
+
+    /// A ring that keeps every batch forever: batch `i` is `(first, next)`.
+    struct Model {
+        batches: Vec<(u64, u64)>,
+        initial: u64,
+        capacity: usize,
+    }
+
+    impl Model {
+        fn next_tick(&self) -> u64 {
+            self.batches.last().map_or(self.initial, |b| b.1)
+        }
+
+        fn live(&self) -> (u64, u64) {
+            (self.batches.len() as u64, self.next_tick())
+        }
+
+        /// Where a resume from `tick` must start: `(cursor, next_tick_seq, resumed)`.
+        fn resume(&self, tick: u64) -> (u64, u64, bool) {
+            let (head, next) = self.live();
+            if tick >= next {
+                return (head, next, tick == next);
+            }
+            let oldest = self.batches.len().saturating_sub(self.capacity);
+            match (oldest..self.batches.len())
+                .find(|&i| (self.batches[i].0..self.batches[i].1).contains(&tick))
+            {
+                Some(i) => (i as u64, self.batches[i].0, true),
+                None => (head, next, false),
+            }
+        }
     }
 
     proptest! {
-        /// The ring agrees with a model that keeps every batch forever:
-        /// a reader gets exactly the model's next batch, or Lagged exactly
-        /// when the model says it is more than `capacity` behind.
+        /// The ring agrees with a model that keeps every batch forever, for
+        /// several cursors that read at different speeds, lap, reconnect and
+        /// resume: a reader gets exactly the model's next batch, Empty exactly
+        /// at the head, Lagged exactly when it is more than `capacity`
+        /// behind (and is then dead, as the server closes it); `lag`,
+        /// `is_lapped`, `subscribe_live` and `subscribe_from` match the model.
         #[test]
         fn ring_agrees_with_an_unbounded_model(
             capacity in 1usize..6,
-            ops in proptest::collection::vec(
-                prop_oneof![(1u8..5).prop_map(Op::Publish), (0usize..3).prop_map(Op::Read)], 0..200),
+            initial in prop_oneof![Just(0u64), 0u64..1_000_000],
+            ops in proptest::collection::vec(op(), 0..300),
         ) {
-            let (ring, mut publisher) = Ring::new(capacity);
-            let mut model: Vec<(u64, u64)> = Vec::new();
-            let mut cursors = [ring.subscribe_live().cursor; 3];
-            let mut dead = [false; 3];
-            let mut next_tick = 0u64;
+            let (ring, mut publisher) = Ring::starting_at(capacity, initial);
+            let mut model = Model { batches: Vec::new(), initial, capacity };
+            let mut cursors = [ring.subscribe_live().cursor; CURSORS];
+            let mut dead = [false; CURSORS];
             for op in ops {
                 match op {
                     Op::Publish(n) => {
-                        publisher.publish(u64::from(n), Bytes::new(), Instant::now());
-                        model.push((next_tick, next_tick + u64::from(n)));
-                        next_tick += u64::from(n);
+                        let next = model.next_tick();
+                        prop_assert_eq!(publisher.next_tick_seq(), next);
+                        let seq = publisher.publish(u64::from(n), Bytes::new(), Instant::now());
+                        prop_assert_eq!(seq, model.batches.len() as u64);
+                        model.batches.push((next, next + u64::from(n)));
                     }
-                    Op::Read(r) if !dead[r] => {
-                        let pos = cursors[r].position() as usize;
-                        let behind = model.len() - pos;
-                        match ring.read(&mut cursors[r]) {
-                            Read::Entry(e) => {
-                                prop_assert!(behind >= 1 && behind <= capacity);
-                                prop_assert_eq!((e.first_tick_seq, e.next_tick_seq), model[pos]);
+                    Op::Read(r, times) => {
+                        for _ in 0..times {
+                            if dead[r] {
+                                break;
                             }
-                            Read::Empty => prop_assert_eq!(behind, 0),
-                            Read::Lagged => {
-                                prop_assert!(behind > capacity);
-                                dead[r] = true;
+                            let pos = cursors[r].position() as usize;
+                            let behind = model.batches.len() - pos;
+                            prop_assert_eq!(ring.lag(&cursors[r]), behind as u64);
+                            prop_assert_eq!(ring.is_lapped(&cursors[r]), behind > capacity);
+                            match ring.read(&mut cursors[r]) {
+                                Read::Entry(e) => {
+                                    prop_assert!(behind >= 1 && behind <= capacity);
+                                    prop_assert_eq!(e.seq, pos as u64);
+                                    prop_assert_eq!((e.first_tick_seq, e.next_tick_seq), model.batches[pos]);
+                                    prop_assert_eq!(cursors[r].position(), pos as u64 + 1);
+                                }
+                                Read::Empty => prop_assert_eq!(behind, 0),
+                                Read::Lagged => {
+                                    prop_assert!(behind > capacity);
+                                    prop_assert_eq!(cursors[r].position(), pos as u64);
+                                    dead[r] = true;
+                                }
                             }
                         }
                     }
-                    Op::Read(_) => {}
+                    Op::Subscribe(r) => {
+                        let start = ring.subscribe_live();
+                        prop_assert_eq!((start.cursor.position(), start.next_tick_seq), model.live());
+                        prop_assert!(!start.resumed);
+                        cursors[r] = start.cursor;
+                        dead[r] = false;
+                    }
+                    Op::Resume(r, back) => {
+                        let tick = model.next_tick().saturating_add_signed(-i64::from(back));
+                        let start = ring.subscribe_from(tick);
+                        let (cursor, next, resumed) = model.resume(tick);
+                        prop_assert_eq!(
+                            (start.cursor.position(), start.next_tick_seq, start.resumed),
+                            (cursor, next, resumed),
+                            "resume from tick {}", tick
+                        );
+                        cursors[r] = start.cursor;
+                        dead[r] = false;
+                    }
                 }
             }
         }

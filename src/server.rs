@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -39,7 +38,7 @@ use crate::frame::{self, Frame, MAX_CLIENT_PAYLOAD};
 use crate::metrics::{self as m, Metrics};
 use crate::proto::Mode;
 use crate::proxy::{self, Prefixed};
-use crate::ring::{Cursor, Entry, Read, Registration, Ring};
+use crate::ring::{AtomicWaker, Cursor, Entry, Read, Registration, Ring};
 use crate::session::{self, AuthAttempt, Outcome, Session, Timing};
 use crate::telemetry::LogBudget;
 use crate::tick::{self, ProducerConfig};
@@ -52,6 +51,10 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
 /// How long a closing connection may take to flush its ERROR and see EOF.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// A timeout noticed this late (or later) after its deadline is taken for a
+/// stall of the server itself, and the peer gets this long again to have its
+/// already-sent frames read before it is judged.
+const STALL_GRACE: Duration = Duration::from_millis(250);
 /// Bytes of client input read and discarded after a closing ERROR.
 const CLOSE_DRAIN_LIMIT: usize = 64 * 1024;
 /// Refill-and-write rounds per wake before yielding to other tasks.
@@ -537,6 +540,7 @@ where
     let sampled = conn_id % shared.latency_sample == 0;
     let mut timer = pin!(tokio::time::sleep_until(session.deadline()));
     let mut cancelled = pin!(shared.shutdown.cancelled());
+    let mut stall_grace_used = false;
 
     loop {
         let event = poll_fn(|cx| {
@@ -566,6 +570,7 @@ where
 
         match event {
             Event::Frame(frame) => {
+                let deadline_before = session.deadline();
                 if let (None, Frame::Auth(auth)) = (&*user, &frame) {
                     // Logged on a failed AUTH too: which name a guesser tries.
                     *user = Some(auth.username.clone());
@@ -601,12 +606,29 @@ where
                     }
                     Err(e) => return Some(e),
                 }
-                if timer.deadline() != session.deadline() {
+                if session.deadline() != deadline_before {
+                    // AUTH or HEARTBEAT: the peer is alive, so a new deadline
+                    // and a fresh stall grace. Other frames (SUBSCRIBE) move
+                    // neither, so they cannot stretch a grace.
+                    stall_grace_used = false;
                     // Always later than before: tokio extends the entry with a CAS.
                     timer.as_mut().reset(session.deadline());
                 }
             }
-            Event::Timeout => return Some(session.timeout_error()),
+            Event::Timeout => {
+                // A deadline noticed long after it passed means this process
+                // was not running (stopped, starved): the peer's frames may
+                // be in the socket, but the I/O driver has not reported them
+                // yet, so the timer won the race. Give it one STALL_GRACE to
+                // read them before judging the peer.
+                let now = Instant::now();
+                if !stall_grace_used && now.saturating_duration_since(session.deadline()) > STALL_GRACE {
+                    stall_grace_used = true;
+                    timer.as_mut().reset(now + STALL_GRACE);
+                    continue;
+                }
+                return Some(session.timeout_error());
+            }
             Event::Lagged => return Some(SessionError::SlowConsumer),
             Event::Shutdown => return Some(SessionError::ServerShutdown),
             Event::ReadFailed(ReadError::Frame(e)) => return Some(e.into()),

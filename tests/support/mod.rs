@@ -74,8 +74,14 @@ pub struct ServerProcess {
 // The child is waited for by `ServerProcess::drop`.
 #[allow(clippy::zombie_processes)]
 pub fn spawn_server(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+    spawn_server_at("127.0.0.1:0", args, env)
+}
+
+/// Like [`spawn_server`], listening on `listen` (e.g. the port of a server
+/// that was just killed, to test a restart on the same address).
+pub fn spawn_server_at(listen: &str, args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tickstream"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+    cmd.args(["serve", "--listen", listen]);
     if !args.contains(&"--metrics-listen") {
         cmd.args(["--metrics-listen", "off"]);
     }

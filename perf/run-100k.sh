@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# 100k connections on one machine despite the 20,000 open-files limit per
+# process: K server processes share one port with SO_REUSEPORT (--reuse-port),
+# each capped below its fd limit, and `tickstream bench` spreads its clients
+# over worker processes bound to 127.0.0.2, 127.0.0.3, ...
+#
+#   perf/run-100k.sh [CONNECTIONS] [SERVERS] [DURATION]
+#
+# Prints each server's RSS before and after, its CPU time over the run, and
+# the bench's one-line JSON (p50/p95/p99, gaps). Needs a release build:
+#   cargo build --release --bin tickstream
+# Every process it starts is stopped on exit; all loops are bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${1:-100000}
+SERVERS=${2:-6}
+DURATION=${3:-30s}
+PORT=${PORT:-7400}
+BIN=./target/release/tickstream
+PER_SERVER=$(( (N / SERVERS) * 11 / 10 + 100 ))   # headroom for uneven hashing
+[ "$PER_SERVER" -lt 19500 ] || { echo "need more servers: $PER_SERVER connections each" >&2; exit 2; }
+[ -x "$BIN" ] || { echo "build first: cargo build --release --bin tickstream" >&2; exit 2; }
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+for i in $(seq 1 "$SERVERS"); do
+    TICKSTREAM_USERS=alice:secret "$BIN" serve --listen "127.0.0.1:$PORT" --reuse-port \
+        --metrics-listen off --log-level warn --max-connections "$PER_SERVER" &
+    pids+=($!)
+done
+# Wait (bounded) until the port answers.
+for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi
+    sleep 0.1
+done
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+declare -A rss0 cpu0
+for p in "${pids[@]}"; do rss0[$p]=$(rss_kb "$p"); cpu0[$p]=$(cpu_ticks "$p"); done
+
+declare -A rss_max fds_max
+for p in "${pids[@]}"; do rss_max[$p]=0; fds_max[$p]=0; done
+start=$(date +%s)
+TICKSTREAM_PASSWORD=secret "$BIN" bench --addr "127.0.0.1:$PORT" -n "$N" --per-process 17000 \
+    --connect-rate 4000 --warmup 3s --duration "$DURATION" > /tmp/run-100k.json &
+bench=$!
+# Sample each server's RSS and fds while the clients are connected (bounded: 15 min).
+for _ in $(seq 1 900); do
+    kill -0 "$bench" 2>/dev/null || break
+    for p in "${pids[@]}"; do
+        r=$(rss_kb "$p"); f=$(ls "/proc/$p/fd" | wc -l)
+        [ "$r" -gt "${rss_max[$p]}" ] && rss_max[$p]=$r
+        [ "$f" -gt "${fds_max[$p]}" ] && fds_max[$p]=$f
+    done
+    sleep 1
+done
+wait "$bench" || status=$?
+elapsed=$(( $(date +%s) - start ))
+hz=$(getconf CLK_TCK)
+
+echo "servers=$SERVERS connections=$N wall=${elapsed}s (connect + warmup + window)"
+total_delta=0
+for p in "${pids[@]}"; do
+    cpu=$(( $(cpu_ticks "$p") - ${cpu0[$p]} ))
+    total_delta=$(( total_delta + ${rss_max[$p]} - ${rss0[$p]} ))
+    printf 'server pid %s: max fds %s, RSS %s KiB idle -> %s KiB peak, CPU %.2f s\n' \
+        "$p" "${fds_max[$p]}" "${rss0[$p]}" "${rss_max[$p]}" "$(echo "$cpu / $hz" | bc -l)"
+done
+printf 'RSS growth over all servers: %s KiB = %s bytes per connection\n' \
+    "$total_delta" "$(( total_delta * 1024 / N ))"
+cat /tmp/run-100k.json
+exit "${status:-0}"
