@@ -37,7 +37,7 @@ cargo test --all-targets
 step "cargo test --doc"
 cargo test --doc
 
-for extra in scripts/test-extra.d/*.sh; do
+for extra in scripts/test-extra.d/*.sh; do  # otel, loom, soak, fuzz, in that order
     [ -x "$extra" ] || continue
     step "$extra"
     "$extra"
