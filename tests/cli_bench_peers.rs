@@ -10,6 +10,11 @@ use std::time::Duration;
 
 struct Peer(Child);
 
+/// The two tests pick ports with `free_port()`; run one at a time so they can
+/// never pick the same one (then the second peer fails to bind, and the first
+/// peer answers the second test's readiness probe).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -33,11 +38,14 @@ async fn start_peer(program: &str, args: &[&str], port: u16) -> Peer {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("{program} must be installed (scripts/test-deps.txt): {e}"));
-    let peer = Peer(child);
+    let mut peer = Peer(child);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut retry = tokio::time::interval(Duration::from_millis(50));
     loop {
         retry.tick().await;
+        if let Some(status) = peer.0.try_wait().unwrap() {
+            panic!("{program} exited before listening on {port}: {status}");
+        }
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return peer;
         }
@@ -103,6 +111,7 @@ fn check(v: &serde_json::Value, protocol: &str) {
 
 #[tokio::test]
 async fn nats_subscribers_receive_every_message() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let port = free_port();
     let peer = start_peer("nats-server", &["-a", "127.0.0.1", "-p", &port.to_string()], port).await;
     let v = bench("nats", port, peer.0.id()).await;
@@ -111,6 +120,7 @@ async fn nats_subscribers_receive_every_message() {
 
 #[tokio::test]
 async fn redis_subscribers_receive_every_message() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let port = free_port();
     let port_arg = port.to_string();
     let args = [
