@@ -16,4 +16,4 @@ export RUSTFLAGS="${RUSTFLAGS:-} --cfg tickstream_loom"
 export CARGO_PROFILE_RELEASE_LTO=false
 export CARGO_PROFILE_RELEASE_DEBUG=0
 export CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
-exec cargo test --release --lib --target-dir target/loom -- ring::loom_models "$@"
+exec cargo test --release --lib --no-default-features --target-dir target/loom -- ring::loom_models "$@"
