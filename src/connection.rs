@@ -27,9 +27,6 @@ pub const MAX_IOVECS: usize = 64;
 /// Bytes read per `read` call when the buffer has no room. Client frames
 /// are tiny (a HEARTBEAT is 22 bytes), so this is plenty.
 const READ_CHUNK: usize = 256;
-/// A drained write queue with more slots than this is released, so an idle
-/// connection does not keep a burst's allocation alive.
-const KEEP_QUEUE: usize = 8;
 
 /// A read that did not produce a frame.
 #[derive(Debug, Error)]
@@ -191,9 +188,10 @@ where
                 }
             }
         }
-        if self.queue.capacity() > KEEP_QUEUE {
-            self.queue = VecDeque::new();
-        }
+        // A drained queue is released: an idle connection holds no queue
+        // memory, and one allocation per write burst is noise next to the
+        // send syscall it accompanies.
+        self.queue = VecDeque::new();
         if self.needs_flush {
             match Pin::new(&mut self.stream).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.needs_flush = false,

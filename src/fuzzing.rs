@@ -83,7 +83,7 @@ pub fn session(data: &[u8]) {
     let limiter = AuthLimiter::new(5);
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut now = Instant::now();
-    let mut session = Session::new(timing, peer, "0123456789abcdef".into(), now);
+    let mut session = Session::new(timing, peer, 0x0123_4567_89ab_cdef, now);
     let mut buf = BytesMut::new();
     let mut authenticated = false;
     for piece in stream.chunks(chunk) {

@@ -530,10 +530,7 @@ async fn run_session<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let session_id = format!(
-        "{:016x}",
-        shared.session_salt ^ conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    );
+    let session_id = shared.session_salt ^ conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut session = Session::new(shared.timing, peer.ip(), session_id, Instant::now());
     let mut subs: [Option<Subscription>; 2] = [None, None];
     let waker = Arc::new(AtomicWaker::new());

@@ -76,13 +76,14 @@ pub struct Session {
     state: State,
     timing: Timing,
     peer_ip: IpAddr,
-    session_id: String,
+    /// Opaque id, sent as 16 hex digits in the AUTH ACK.
+    session_id: u64,
     deadline: Instant,
 }
 
 impl Session {
     /// A session for a connection accepted at `now` from `peer_ip`.
-    pub fn new(timing: Timing, peer_ip: IpAddr, session_id: String, now: Instant) -> Session {
+    pub fn new(timing: Timing, peer_ip: IpAddr, session_id: u64, now: Instant) -> Session {
         Session {
             state: State::AwaitingAuth,
             timing,
@@ -202,7 +203,7 @@ impl Session {
             FrameType::Ack,
             &Ack {
                 acked: MsgType::Auth as i32,
-                session_id: self.session_id.clone(),
+                session_id: format!("{:016x}", self.session_id),
                 heartbeat_interval_ms: millis_u32(self.timing.heartbeat_interval),
                 heartbeat_timeout_ms: millis_u32(self.timing.heartbeat_timeout),
                 mode: 0,
@@ -255,7 +256,7 @@ mod tests {
 
     fn setup() -> (Session, Credentials, AuthLimiter, Instant) {
         let now = Instant::now();
-        let session = Session::new(TIMING, "127.0.0.1".parse().unwrap(), "abc".into(), now);
+        let session = Session::new(TIMING, "127.0.0.1".parse().unwrap(), 0xabc, now);
         (
             session,
             Credentials::parse("alice:secret").unwrap(),
@@ -292,7 +293,7 @@ mod tests {
         assert_eq!(user, "alice");
         let ack = decode_ack(&ack);
         assert_eq!(ack.acked, MsgType::Auth as i32);
-        assert_eq!(ack.session_id, "abc");
+        assert_eq!(ack.session_id, "0000000000000abc");
         assert_eq!(ack.heartbeat_interval_ms, 15_000);
         assert_eq!(ack.heartbeat_timeout_ms, 20_000);
         assert_eq!(s.deadline(), later + TIMING.heartbeat_timeout);
