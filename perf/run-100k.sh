@@ -4,7 +4,7 @@
 # each capped below its fd limit, and `tickstream bench` spreads its clients
 # over worker processes bound to 127.0.0.2, 127.0.0.3, ...
 #
-#   perf/run-100k.sh [CONNECTIONS] [SERVERS] [DURATION]
+#   [CONNECT_RATE=4000] perf/run-100k.sh [CONNECTIONS] [SERVERS] [DURATION]
 #
 # Prints each server's RSS before and after, its CPU time over the run, and
 # the bench's one-line JSON (p50/p95/p99, gaps). Needs a release build:
@@ -46,7 +46,7 @@ declare -A rss_max fds_max
 for p in "${pids[@]}"; do rss_max[$p]=0; fds_max[$p]=0; done
 start=$(date +%s)
 TICKSTREAM_PASSWORD=secret "$BIN" bench --addr "127.0.0.1:$PORT" -n "$N" --per-process 17000 \
-    --connect-rate 4000 --warmup 3s --duration "$DURATION" > /tmp/run-100k.json &
+    --connect-rate "${CONNECT_RATE:-4000}" --warmup 3s --duration "$DURATION" > /tmp/run-100k.json &
 bench=$!
 # Sample each server's RSS and fds while the clients are connected (bounded: 15 min).
 for _ in $(seq 1 900); do
