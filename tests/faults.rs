@@ -804,30 +804,6 @@ fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
 // Server process figures from /proc
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, Default)]
-struct ProcStats {
-    rss_kib: u64,
-    fds: usize,
-    threads: u64,
-}
-
-fn proc_stats(pid: u32) -> ProcStats {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    ProcStats {
-        rss_kib: field("VmRSS:"),
-        threads: field("Threads:"),
-        fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
-    }
-}
-
 /// Waits (at most 15 s) until the server holds no more fds than `baseline`,
 /// i.e. every connection of the scenario is closed, and returns its figures.
 /// Polls: a process's fd table has no event to await.

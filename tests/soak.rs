@@ -122,9 +122,9 @@ fn soak() {
             let proc = proc_stats(pid);
             let sample = Sample {
                 t: started.elapsed().as_secs_f64(),
-                rss_kib: proc.0,
-                fds: proc.1,
-                threads: proc.2,
+                rss_kib: proc.rss_kib,
+                fds: proc.fds,
+                threads: proc.threads,
                 clients: stats.connected.load(Ordering::Relaxed),
             };
             let cpu_now = (Instant::now(), cpu_ticks(pid), cpu_ticks(me));
@@ -540,21 +540,6 @@ fn parse(buf: &mut BytesMut) -> Result<Option<(u8, Vec<u8>)>, String> {
     }
     buf.advance(12 + len);
     Ok(Some((frame_type, payload)))
-}
-
-/// (VmRSS KiB, open fds, threads) of `pid`.
-fn proc_stats(pid: u32) -> (u64, usize, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    (field("VmRSS:"), fds, field("Threads:"))
 }
 
 /// utime + stime of `pid`, in clock ticks.

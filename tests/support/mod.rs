@@ -284,11 +284,7 @@ impl RawClient {
             .await
             .expect("connect in time")
             .expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        RawClient {
-            stream,
-            buf: BytesMut::new(),
-        }
+        RawClient::from_stream(stream)
     }
 
     pub fn from_stream(stream: TcpStream) -> RawClient {
@@ -461,11 +457,7 @@ impl RawClient {
             .await
             .expect("connect in time")
             .expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        RawClient {
-            stream,
-            buf: BytesMut::new(),
-        }
+        RawClient::from_stream(stream)
     }
 }
 
@@ -549,4 +541,30 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Option<std::process::
         .collect::<Vec<_>>()
         .join("");
     (status, output)
+}
+
+/// A process's footprint, for leak checks in the fault and soak tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStats {
+    pub rss_kib: u64,
+    pub fds: usize,
+    pub threads: u64,
+}
+
+/// VmRSS, open fds and threads of `pid`, read from /proc (zeros once it is gone).
+pub fn proc_stats(pid: u32) -> ProcStats {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    ProcStats {
+        rss_kib: field("VmRSS:"),
+        threads: field("Threads:"),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
+    }
 }

@@ -220,17 +220,7 @@ async fn coordinate(args: &BenchArgs, password: &str) -> anyhow::Result<Report> 
     let mut local = None;
     let mut children = Vec::new();
     if shares.len() == 1 {
-        let (tx, rx) = watch::channel(Phase::Connecting);
-        let shared = Arc::new(Shared::default());
-        let task = tokio::spawn(worker(
-            args.clone(),
-            password.to_owned(),
-            args.connections,
-            bind_ip(args, 0),
-            rx,
-            shared.clone(),
-        ));
-        wait_local_ready(args, &shared, &progress).await;
+        let (tx, task, _) = start_local_worker(args, password, &progress).await;
         local = Some((tx, task));
     } else {
         for (i, &n) in shares.iter().enumerate() {
@@ -502,9 +492,16 @@ impl Drop for Samples<'_> {
     }
 }
 
-/// Worker process: connect, say "ready N F", measure between "start" and
-/// "stop" on stdin, then print the tally as one JSON line.
-async fn worker_main(args: &BenchArgs, password: &str) -> anyhow::Result<()> {
+/// Starts this process's share of the connections and waits until they are up.
+async fn start_local_worker(
+    args: &BenchArgs,
+    password: &str,
+    progress: &ProgressBar,
+) -> (
+    watch::Sender<Phase>,
+    tokio::task::JoinHandle<anyhow::Result<Tally>>,
+    Arc<Shared>,
+) {
     let (tx, rx) = watch::channel(Phase::Connecting);
     let shared = Arc::new(Shared::default());
     let task = tokio::spawn(worker(
@@ -515,7 +512,14 @@ async fn worker_main(args: &BenchArgs, password: &str) -> anyhow::Result<()> {
         rx,
         shared.clone(),
     ));
-    wait_local_ready(args, &shared, &ProgressBar::hidden()).await;
+    wait_local_ready(args, &shared, progress).await;
+    (tx, task, shared)
+}
+
+/// Worker process: connect, say "ready N F", measure between "start" and
+/// "stop" on stdin, then print the tally as one JSON line.
+async fn worker_main(args: &BenchArgs, password: &str) -> anyhow::Result<()> {
+    let (tx, task, shared) = start_local_worker(args, password, &ProgressBar::hidden()).await;
     let mut stdout = tokio::io::stdout();
     let ready = format!(
         "ready {} {}\n",
