@@ -7,6 +7,13 @@
 //! the exporter every [`FLUSH_INTERVAL`]: a scrape may lag by that much.
 //! `publish_latency_ms` records every delivery of one connection in
 //! `--latency-sample` (default 8), a fixed, documented sample.
+//!
+//! Every series exists from the first scrape: [`install_exporter`] registers
+//! each name at 0, the labelled ones with every label value the server can
+//! emit ([`MODE_LABELS`], [`REJECT_REASONS`], [`AUTH_FAILURE_REASONS`],
+//! [`TLS_RELOAD_RESULTS`], and every [`ErrorCode`]). `rate()`, `increase()`
+//! and `absent()` need a series before its first event, or an alert on the
+//! first heartbeat timeout never fires and a dashboard shows "no data".
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -17,6 +24,8 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+
+use crate::error::ErrorCode;
 
 // The five names of the requirements.
 pub const ACTIVE_CONNECTIONS: &str = "active_connections";
@@ -36,6 +45,30 @@ pub const SLOW_CONSUMER_DISCONNECTS_TOTAL: &str = "slow_consumer_disconnects_tot
 pub const WRITER_LAG_BATCHES: &str = "writer_lag_batches";
 pub const FRAMES_PER_WRITE: &str = "frames_per_write";
 pub const TLS_RELOADS_TOTAL: &str = "tls_reloads_total";
+
+/// `mode` label values (`ticks_published_total`, `batches_published_total`,
+/// `subscribers`).
+pub const MODE_LABELS: [&str; 2] = ["second", "minute"];
+/// `reason` label values of `connections_rejected_total`: a connection
+/// refused before it could authenticate.
+pub const REJECT_REASONS: [&str; 6] = [
+    "max_connections",
+    "per_ip",
+    "proxy_header",
+    "proxy_header_timeout",
+    "tls_handshake",
+    "tls_handshake_timeout",
+];
+/// `reason` label values of `auth_failures_total`: the ERROR code that closed
+/// a connection which never authenticated.
+pub const AUTH_FAILURE_REASONS: [ErrorCode; 4] = [
+    ErrorCode::AuthFailed,
+    ErrorCode::RateLimited,
+    ErrorCode::AuthRequired,
+    ErrorCode::AuthTimeout,
+];
+/// `result` label values of `tls_reloads_total`.
+pub const TLS_RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
 
 /// How often the sharded counters are folded into the exporter.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
@@ -61,7 +94,45 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
         .set_buckets_for_metric(Matcher::Full(FRAMES_PER_WRITE.into()), &FRAMES_PER_WRITE_BUCKETS)?
         .install()?;
     describe();
+    register_at_zero();
     Ok(())
+}
+
+/// Creates every series with its known label values, so each is exposed at 0
+/// before its first event. Registering a handle is enough: the exporter
+/// renders every registered counter, gauge and (empty) histogram.
+fn register_at_zero() {
+    use metrics::{counter, gauge, histogram};
+    gauge!(ACTIVE_CONNECTIONS).increment(0.0);
+    for name in [
+        MESSAGES_SENT_TOTAL,
+        BYTES_SENT_TOTAL,
+        HEARTBEAT_TIMEOUTS_TOTAL,
+        CONNECTIONS_ACCEPTED_TOTAL,
+        SLOW_CONSUMER_DISCONNECTS_TOTAL,
+    ] {
+        counter!(name).increment(0);
+    }
+    for name in [PUBLISH_LATENCY_MS, WRITER_LAG_BATCHES, FRAMES_PER_WRITE] {
+        let _ = histogram!(name);
+    }
+    for mode in MODE_LABELS {
+        counter!(TICKS_PUBLISHED_TOTAL, "mode" => mode).increment(0);
+        counter!(BATCHES_PUBLISHED_TOTAL, "mode" => mode).increment(0);
+        gauge!(SUBSCRIBERS, "mode" => mode).increment(0.0);
+    }
+    for reason in REJECT_REASONS {
+        counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => reason).increment(0);
+    }
+    for reason in AUTH_FAILURE_REASONS {
+        counter!(AUTH_FAILURES_TOTAL, "reason" => reason.as_str()).increment(0);
+    }
+    for code in ErrorCode::ALL {
+        counter!(ERRORS_SENT_TOTAL, "code" => code.as_str()).increment(0);
+    }
+    for result in TLS_RELOAD_RESULTS {
+        counter!(TLS_RELOADS_TOTAL, "result" => result).increment(0);
+    }
 }
 
 fn describe() {

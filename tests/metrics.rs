@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
 use support::*;
+use tickstream::error::ErrorCode;
+use tickstream::metrics::{AUTH_FAILURE_REASONS, MODE_LABELS, REJECT_REASONS, TLS_RELOAD_RESULTS};
 use tickstream::proto::Mode;
 
 /// Lint findings `promtool` may report that the contract forces on us:
@@ -37,6 +39,7 @@ async fn metrics_endpoint_counts_what_the_server_does_and_passes_promtool() {
         ],
         &[],
     );
+    let first = scrape_until_up(metrics).await;
 
     // A subscriber of each mode receives data.
     let (mut sub, _) = RawClient::authenticated(server.addr).await;
@@ -121,8 +124,120 @@ async fn metrics_endpoint_counts_what_the_server_does_and_passes_promtool() {
     expect_at_least("writer_lag_batches_count", 1.0);
 
     promtool_check(&body);
+    // Every series the traffic created was already on the first scrape, at 0:
+    // the pre-registered label values are the ones the server really emits.
+    let before = series_set(&first);
+    for series in series_set(&body) {
+        assert!(
+            before.contains(&series),
+            "{series} appeared only after its first event; pre-register it in src/metrics.rs\nfirst scrape:\n{first}"
+        );
+    }
     keepalive.abort();
     drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_server_first_scrape_lists_every_metric_readme_names_at_zero() {
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics_arg = metrics.to_string();
+    let _server = spawn_server(&["--metrics-listen", &metrics_arg], &[]);
+    let body = scrape_until_up(metrics).await;
+
+    let names = readme_metric_names();
+    assert!(
+        names.len() >= 15,
+        "README's Metrics section lists too few names: {names:?}"
+    );
+    for (name, label) in &names {
+        let expected: Vec<String> = match label.as_deref() {
+            None => vec![name.clone()],
+            Some("mode") => labelled(name, "mode", MODE_LABELS),
+            Some("reason") if name == "connections_rejected_total" => {
+                labelled(name, "reason", REJECT_REASONS)
+            }
+            Some("reason") => labelled(name, "reason", AUTH_FAILURE_REASONS.map(ErrorCode::as_str)),
+            Some("code") => labelled(name, "code", ErrorCode::ALL.map(ErrorCode::as_str)),
+            Some("result") => labelled(name, "result", TLS_RELOAD_RESULTS),
+            Some(other) => panic!("README names {name}{{{other}}}: teach this test its values"),
+        };
+        for series in expected {
+            let is_histogram = body.contains(&format!("# TYPE {series} histogram"));
+            let probe = if is_histogram {
+                format!("{series}_count")
+            } else {
+                series.clone()
+            };
+            let value = sample(&body, &probe)
+                .unwrap_or_else(|| panic!("{probe} is missing from a fresh server's first scrape:\n{body}"));
+            // The producers publish a tick each second whether or not anyone
+            // listens; everything else counts what clients do, and none came.
+            if !name.ends_with("_published_total") {
+                assert_eq!(value, 0.0, "{probe} on a fresh server:\n{body}");
+            }
+        }
+    }
+    // The required histogram keeps its buckets from the start.
+    assert!(body.contains("publish_latency_ms_bucket{le=\"0.1\"} 0"), "{body}");
+}
+
+/// The first successful scrape of a server that just started.
+async fn scrape_until_up(metrics: SocketAddr) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(body) = try_scrape(metrics).await {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics endpoint never answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The names (and label key, if any) README's "## Metrics" section lists in
+/// backticks, e.g. `errors_sent_total{code}`.
+fn readme_metric_names() -> Vec<(String, Option<String>)> {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("\n## Metrics\n")
+        .nth(1)
+        .expect("README has a ## Metrics section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let first_paragraph = section.trim_start().split("\n\n").next().unwrap_or("");
+    first_paragraph
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|token| token.starts_with(|c: char| c.is_ascii_lowercase()))
+        .filter(|token| token.chars().all(|c| c.is_ascii_lowercase() || "_{}".contains(c)))
+        .map(|token| match token.split_once('{') {
+            Some((name, label)) => (name.to_owned(), Some(label.trim_end_matches('}').to_owned())),
+            None => (token.to_owned(), None),
+        })
+        .collect()
+}
+
+fn labelled<const N: usize>(name: &str, key: &str, values: [&str; N]) -> Vec<String> {
+    values
+        .iter()
+        .map(|v| format!("{name}{{{key}=\"{v}\"}}"))
+        .collect()
+}
+
+/// Each sample line's series (name and labels), histogram buckets folded into
+/// their histogram's name.
+fn series_set(exposition: &str) -> std::collections::BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| line.rsplit_once(' ').map(|(series, _)| series))
+        .filter(|series| {
+            !series.contains("_bucket{") && !series.ends_with("_sum") && !series.ends_with("_count")
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Runs `promtool check metrics` on `exposition`: format errors fail, and of
