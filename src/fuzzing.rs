@@ -3,7 +3,7 @@
 //! input, drives the real code, and panics when an invariant breaks.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use tokio::time::Instant;
@@ -11,7 +11,6 @@ use tokio::time::Instant;
 use crate::auth::{AuthLimiter, Credentials};
 use crate::error::ErrorCode;
 use crate::frame::{self, Frame, HEADER_LEN, MAX_BATCH_PAYLOAD, MAX_CLIENT_PAYLOAD, TRAILER_LEN};
-use crate::proto::Mode;
 use crate::session::{Outcome, Session, Timing};
 
 /// Raw bytes into [`frame::decode`], as the server (64 KiB limit) and as a
@@ -83,20 +82,34 @@ pub fn session(data: &[u8]) {
     let limiter = AuthLimiter::new(5);
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut now = Instant::now();
+    let wall = SystemTime::now();
     let mut session = Session::new(timing, peer, 0x0123_4567_89ab_cdef, now);
     let mut buf = BytesMut::new();
     let mut authenticated = false;
+    let mut subscribed = [false; 2];
     for piece in stream.chunks(chunk) {
         now += step;
         if now >= session.deadline() {
-            let code = session.timeout_error().code();
-            let expected = if authenticated {
-                ErrorCode::HeartbeatTimeout
-            } else {
-                ErrorCode::AuthTimeout
-            };
-            assert_eq!(code, expected);
-            return;
+            let deadline_before = session.deadline();
+            match session.on_timeout(now) {
+                // A stall grace: the deadline moved on, by at most the grace.
+                Ok(()) => {
+                    assert!(
+                        session.deadline() > deadline_before,
+                        "timeout without a later deadline"
+                    );
+                    assert_eq!(session.deadline(), now + crate::session::STALL_GRACE);
+                }
+                Err(e) => {
+                    let expected = if authenticated {
+                        ErrorCode::HeartbeatTimeout
+                    } else {
+                        ErrorCode::AuthTimeout
+                    };
+                    assert_eq!(e.code(), expected);
+                    return;
+                }
+            }
         }
         buf.extend_from_slice(piece);
         loop {
@@ -111,7 +124,7 @@ pub fn session(data: &[u8]) {
             let is_auth = matches!(frame, Frame::Auth(_));
             let is_heartbeat = matches!(frame, Frame::Heartbeat(_));
             let deadline_before = session.deadline();
-            match session.on_frame(frame, now, &credentials, &limiter) {
+            match session.on_frame(frame, now, wall, &credentials, &limiter) {
                 Ok(outcome) => {
                     assert!(session.deadline() >= deadline_before, "deadline moved back");
                     match outcome {
@@ -127,7 +140,11 @@ pub fn session(data: &[u8]) {
                         }
                         Outcome::Subscribe { mode, .. } => {
                             assert!(authenticated, "SUBSCRIBE before AUTH");
-                            assert!(matches!(mode, Mode::Second | Mode::Minute));
+                            assert!(!subscribed[mode as usize], "a mode subscribed twice");
+                            subscribed[mode as usize] = true;
+                        }
+                        Outcome::AlreadySubscribed { mode } => {
+                            assert!(subscribed[mode as usize], "a repeat of a SUBSCRIBE never made");
                         }
                         Outcome::Heartbeat { reply } => {
                             assert!(authenticated && is_heartbeat, "HEARTBEAT before AUTH");

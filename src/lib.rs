@@ -12,7 +12,7 @@
 //! - [`error`]: the wire's ERROR codes and the error type of each boundary.
 //! - [`config`]: `tickstream serve` flags and the checked [`config::Config`].
 //! - [`auth`]: credentials from `TICKSTREAM_USERS` and the failed-AUTH limiter.
-//! - [`session`]: the per-connection protocol state machine, without I/O.
+//! - [`session`]: the per-connection protocol state machine and every timer rule, without I/O.
 //! - [`ring`]: the per-mode broadcast ring and its wake registry; SLOW_CONSUMER.
 //! - `sync`: the ring's atomics, slots, locks and wakers; loom stand-ins under `--cfg loom`.
 //! - [`tick`]: clock boundaries, synthetic load, batching, encode once.
@@ -20,7 +20,8 @@
 //! - [`tls`]: rustls TLS 1.3 server and client configuration, mTLS.
 //! - [`proxy`]: PROXY protocol v1/v2 headers from a load balancer.
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
-//! - [`server`]: accept loop, connection tasks, shutdown.
+//! - [`server`]: runtime wiring and shutdown; `server/admission.rs` (accept loop, limits,
+//!   PROXY, TLS, AUTH) and `server/conn.rs` (the delivery loop of an authenticated connection).
 //! - [`client`]: client library: AUTH, SUBSCRIBE, heartbeats, gaps, reconnect and resume.
 //! - [`telemetry`]: JSON logs, their rate limit, optional OpenTelemetry spans.
 //! - `fuzzing` (only under `--cfg fuzzing`): entry points for the targets in `fuzz/`.

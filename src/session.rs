@@ -4,8 +4,22 @@
 //! connection must do: send an ACK, start a subscription, echo a heartbeat,
 //! or close with an error code. It never touches sockets, tasks, rings or
 //! metrics, so every session rule is testable (and fuzzable) without a network.
-//! The single deadline it keeps is the auth timeout before AUTH and the
-//! heartbeat timeout after it; the caller arms one timer on [`Session::deadline`].
+//!
+//! # Time
+//!
+//! The session owns every timer rule and reads no clock: each call takes the
+//! monotonic `now` (and, where a reply carries it, the wall clock). It keeps
+//! one deadline: the auth timeout before AUTH, the heartbeat timeout after
+//! it, or a stall grace (below). The I/O loop sleeps until
+//! [`Session::deadline`] and then calls [`Session::on_timeout`] with `now`,
+//! which either closes the session or moves the deadline.
+//!
+//! A deadline noticed more than [`STALL_GRACE`] after it passed means the
+//! process was not running (stopped, starved): the peer's frames may be in
+//! the socket unread, so the timer won a race it should not have. The peer
+//! gets one `STALL_GRACE` to have them read before it is judged; a frame that
+//! moves the deadline (AUTH, HEARTBEAT) earns a fresh grace, other frames
+//! do not, so they cannot stretch one.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,12 +45,16 @@ pub struct Timing {
 pub enum Outcome {
     /// AUTH succeeded: send `ack`.
     Authenticated { user: String, ack: Bytes },
-    /// Start (or confirm) the subscription to `mode`, then send
-    /// [`subscribe_ack`] with the position the ring gives.
+    /// Start the subscription to `mode`, then send [`subscribe_ack`] with
+    /// the position the ring gives.
     Subscribe {
         mode: Mode,
         resume_from_seq: Option<u64>,
     },
+    /// A SUBSCRIBE to a mode already subscribed: idempotent, the
+    /// subscription stays where it is; send [`subscribe_ack`] with its
+    /// current position.
+    AlreadySubscribed { mode: Mode },
     /// Send the heartbeat echo `reply`.
     Heartbeat { reply: Bytes },
     /// The credentials are slow to check ([`Credentials::is_slow`]): check
@@ -79,6 +97,10 @@ pub struct Session {
     /// Opaque id, sent as 16 hex digits in the AUTH ACK.
     session_id: u64,
     deadline: Instant,
+    /// Whether the current deadline was already stretched by a stall grace.
+    stall_grace_used: bool,
+    /// Modes subscribed, indexed by `Mode as usize`.
+    subscribed: [bool; 2],
 }
 
 impl Session {
@@ -90,10 +112,14 @@ impl Session {
             peer_ip,
             session_id,
             deadline: now + timing.auth_timeout,
+            stall_grace_used: false,
+            subscribed: [false; 2],
         }
     }
 
-    /// When the session times out unless a frame moves it on.
+    /// When the session times out unless a frame moves it on: call
+    /// [`Session::on_timeout`] once it has passed. After AUTH it never
+    /// moves backwards.
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
@@ -110,11 +136,29 @@ impl Session {
         }
     }
 
-    /// Applies one client frame received at `now`.
+    /// The timer armed on [`Session::deadline`] fired at `now`. `Ok` when the
+    /// session goes on (the deadline is not reached yet, or a stall grace
+    /// moved it: re-arm the timer on the new deadline); `Err` with the error
+    /// to close with otherwise.
+    pub fn on_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if now < self.deadline {
+            return Ok(());
+        }
+        if !self.stall_grace_used && now.saturating_duration_since(self.deadline) > STALL_GRACE {
+            self.stall_grace_used = true;
+            self.deadline = now + STALL_GRACE;
+            return Ok(());
+        }
+        Err(self.timeout_error())
+    }
+
+    /// Applies one client frame received at `now`; `wall` is the wall clock
+    /// at the same moment (a HEARTBEAT echo carries it).
     pub fn on_frame(
         &mut self,
         frame: Frame,
         now: Instant,
+        wall: SystemTime,
         credentials: &Credentials,
         limiter: &AuthLimiter,
     ) -> Result<Outcome, SessionError> {
@@ -144,18 +188,23 @@ impl Session {
             (State::Ready, Frame::Subscribe(subscribe)) => {
                 let mode = Mode::try_from(subscribe.mode)
                     .map_err(|_| SessionError::ProtocolViolation("SUBSCRIBE names an unknown mode"))?;
+                let subscribed = &mut self.subscribed[mode as usize];
+                if *subscribed {
+                    return Ok(Outcome::AlreadySubscribed { mode });
+                }
+                *subscribed = true;
                 Ok(Outcome::Subscribe {
                     mode,
                     resume_from_seq: subscribe.resume_from_seq,
                 })
             }
             (State::Ready, Frame::Heartbeat(heartbeat)) => {
-                self.deadline = now + self.timing.heartbeat_timeout;
+                self.extend_deadline(now + self.timing.heartbeat_timeout);
                 let reply = frame::encode(
                     FrameType::Heartbeat,
                     &Heartbeat {
                         client_time_ms: heartbeat.client_time_ms,
-                        server_time_ms: wall_clock_ms(),
+                        server_time_ms: unix_ms(wall),
                     },
                 );
                 Ok(Outcome::Heartbeat { reply })
@@ -198,7 +247,9 @@ impl Session {
             return Err(SessionError::AuthFailed);
         }
         self.state = State::Ready;
+        // From the auth deadline to the heartbeat one, which may be earlier.
         self.deadline = now + self.timing.heartbeat_timeout;
+        self.stall_grace_used = false;
         let ack = frame::encode(
             FrameType::Ack,
             &Ack {
@@ -211,6 +262,16 @@ impl Session {
             },
         );
         Ok(Outcome::Authenticated { user: username, ack })
+    }
+
+    /// A HEARTBEAT showed the peer is alive: a new deadline and a fresh
+    /// stall grace. The heartbeat deadline never moves backwards (a frame
+    /// read late, after a stall grace began, must not shorten it), which the
+    /// delivery loop's timer likes: tokio extends a sleep's deadline with a
+    /// CAS, shortening it costs more.
+    fn extend_deadline(&mut self, deadline: Instant) {
+        self.deadline = self.deadline.max(deadline);
+        self.stall_grace_used = false;
     }
 }
 
@@ -229,16 +290,20 @@ pub fn subscribe_ack(mode: Mode, next_seq: u64) -> Bytes {
     )
 }
 
-/// Milliseconds since the Unix epoch, by the wall clock.
-pub fn wall_clock_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+/// `wall` as milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(wall: SystemTime) -> i64 {
+    wall.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
+
+/// How long past its deadline a timeout must be noticed to be taken for a
+/// stall of the server itself, and how long the peer then gets again (module
+/// docs, "Time").
+pub const STALL_GRACE: Duration = Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {
@@ -247,6 +312,11 @@ mod tests {
     use super::*;
     use crate::error::ErrorCode;
     use crate::proto::{Auth, DataBatch, Subscribe};
+
+    /// The wall clock the tests run at: 2020-09-13T12:26:40Z.
+    fn wall() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_600_000_000)
+    }
 
     const TIMING: Timing = Timing {
         auth_timeout: Duration::from_secs(5),
@@ -285,8 +355,9 @@ mod tests {
         assert_eq!(s.deadline(), now + TIMING.auth_timeout);
         assert_eq!(s.timeout_error().code(), ErrorCode::AuthTimeout);
         let later = now + Duration::from_secs(1);
-        let Outcome::Authenticated { ack, user } =
-            s.on_frame(auth("secret"), later, &creds, &limiter).unwrap()
+        let Outcome::Authenticated { ack, user } = s
+            .on_frame(auth("secret"), later, wall(), &creds, &limiter)
+            .unwrap()
         else {
             panic!("not authenticated")
         };
@@ -308,7 +379,7 @@ mod tests {
             Frame::DataBatch(DataBatch::default()),
         ] {
             let (mut s, creds, limiter, now) = setup();
-            let err = s.on_frame(frame, now, &creds, &limiter).unwrap_err();
+            let err = s.on_frame(frame, now, wall(), &creds, &limiter).unwrap_err();
             assert_eq!(err.code(), ErrorCode::AuthRequired);
         }
     }
@@ -318,12 +389,16 @@ mod tests {
         let (_, creds, limiter, now) = setup();
         for _ in 0..5 {
             let (mut s, ..) = setup();
-            let err = s.on_frame(auth("wrong"), now, &creds, &limiter).unwrap_err();
+            let err = s
+                .on_frame(auth("wrong"), now, wall(), &creds, &limiter)
+                .unwrap_err();
             assert_eq!(err.code(), ErrorCode::AuthFailed);
         }
         let (mut s, ..) = setup();
         // Even the right password is refused once limited: it is not checked.
-        let err = s.on_frame(auth("secret"), now, &creds, &limiter).unwrap_err();
+        let err = s
+            .on_frame(auth("secret"), now, wall(), &creds, &limiter)
+            .unwrap_err();
         assert_eq!(err.code(), ErrorCode::RateLimited);
     }
 
@@ -332,7 +407,8 @@ mod tests {
         let (mut s, _, limiter, now) = setup();
         let hash = crate::auth::hash_password("s3cret").unwrap();
         let creds = Credentials::parse(&format!("alice:{hash}")).unwrap();
-        let Outcome::CheckCredentials(attempt) = s.on_frame(auth("s3cret"), now, &creds, &limiter).unwrap()
+        let Outcome::CheckCredentials(attempt) =
+            s.on_frame(auth("s3cret"), now, wall(), &creds, &limiter).unwrap()
         else {
             panic!("a hashed secret is not checked inline")
         };
@@ -341,7 +417,7 @@ mod tests {
             "Debug shows the password"
         );
         assert_eq!(
-            s.on_frame(auth("s3cret"), now, &creds, &limiter)
+            s.on_frame(auth("s3cret"), now, wall(), &creds, &limiter)
                 .unwrap_err()
                 .code(),
             ErrorCode::ProtocolViolation,
@@ -357,7 +433,8 @@ mod tests {
         // A wrong password counts against the limiter like a plaintext one.
         for _ in 0..5 {
             let (mut s, ..) = setup();
-            let Ok(Outcome::CheckCredentials(attempt)) = s.on_frame(auth("wrong"), now, &creds, &limiter)
+            let Ok(Outcome::CheckCredentials(attempt)) =
+                s.on_frame(auth("wrong"), now, wall(), &creds, &limiter)
             else {
                 panic!("not handed back")
             };
@@ -367,20 +444,22 @@ mod tests {
             assert_eq!(err.code(), ErrorCode::AuthFailed);
         }
         let (mut s, ..) = setup();
-        let err = s.on_frame(auth("s3cret"), now, &creds, &limiter).unwrap_err();
+        let err = s
+            .on_frame(auth("s3cret"), now, wall(), &creds, &limiter)
+            .unwrap_err();
         assert_eq!(err.code(), ErrorCode::RateLimited);
     }
 
     #[test]
     fn after_auth_rules() {
         let (mut s, creds, limiter, now) = setup();
-        s.on_frame(auth("secret"), now, &creds, &limiter).unwrap();
+        s.on_frame(auth("secret"), now, wall(), &creds, &limiter).unwrap();
         let sub = Frame::Subscribe(Subscribe {
             mode: Mode::Minute as i32,
             resume_from_seq: Some(7),
         });
         assert_eq!(
-            s.on_frame(sub, now, &creds, &limiter).unwrap(),
+            s.on_frame(sub, now, wall(), &creds, &limiter).unwrap(),
             Outcome::Subscribe {
                 mode: Mode::Minute,
                 resume_from_seq: Some(7)
@@ -391,7 +470,9 @@ mod tests {
             resume_from_seq: None,
         });
         assert_eq!(
-            s.on_frame(bad_mode, now, &creds, &limiter).unwrap_err().code(),
+            s.on_frame(bad_mode, now, wall(), &creds, &limiter)
+                .unwrap_err()
+                .code(),
             ErrorCode::ProtocolViolation
         );
         let t = now + Duration::from_secs(3);
@@ -399,7 +480,7 @@ mod tests {
             client_time_ms: 42,
             server_time_ms: 0,
         });
-        let Outcome::Heartbeat { reply } = s.on_frame(hb, t, &creds, &limiter).unwrap() else {
+        let Outcome::Heartbeat { reply } = s.on_frame(hb, t, wall(), &creds, &limiter).unwrap() else {
             panic!("no echo")
         };
         let Some(Frame::Heartbeat(echo)) = frame::decode(&mut BytesMut::from(&reply[..]), u32::MAX).unwrap()
@@ -407,20 +488,162 @@ mod tests {
             panic!("echo is not a heartbeat")
         };
         assert_eq!(echo.client_time_ms, 42);
-        assert!(echo.server_time_ms > 1_600_000_000_000);
+        assert_eq!(echo.server_time_ms, 1_600_000_000_000, "the wall clock given");
         assert_eq!(s.deadline(), t + TIMING.heartbeat_timeout);
         assert_eq!(
-            s.on_frame(auth("secret"), t, &creds, &limiter)
+            s.on_frame(auth("secret"), t, wall(), &creds, &limiter)
                 .unwrap_err()
                 .code(),
             ErrorCode::ProtocolViolation
         );
         assert_eq!(
-            s.on_frame(Frame::Ack(Ack::default()), t, &creds, &limiter)
+            s.on_frame(Frame::Ack(Ack::default()), t, wall(), &creds, &limiter)
                 .unwrap_err()
                 .code(),
             ErrorCode::ProtocolViolation
         );
+    }
+
+    #[test]
+    fn auth_deadline_closes_with_auth_timeout_and_not_a_moment_before() {
+        let (mut s, ..) = setup();
+        let deadline = s.deadline();
+        assert!(s.on_timeout(deadline - Duration::from_millis(1)).is_ok());
+        assert_eq!(s.deadline(), deadline, "an early wake changes nothing");
+        let err = s.on_timeout(deadline).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::AuthTimeout);
+    }
+
+    #[test]
+    fn auth_switches_to_a_heartbeat_deadline_even_an_earlier_one() {
+        let short = Timing {
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(2),
+            ..TIMING
+        };
+        let (_, creds, limiter, now) = setup();
+        let mut s = Session::new(short, "127.0.0.1".parse().unwrap(), 1, now);
+        s.on_frame(auth("secret"), now, wall(), &creds, &limiter).unwrap();
+        assert_eq!(s.deadline(), now + Duration::from_secs(2));
+        assert_eq!(
+            s.on_timeout(now + Duration::from_secs(2)).unwrap_err().code(),
+            ErrorCode::HeartbeatTimeout
+        );
+    }
+
+    #[test]
+    fn a_deadline_noticed_late_gets_one_stall_grace() {
+        let (mut s, creds, limiter, now) = setup();
+        s.on_frame(auth("secret"), now, wall(), &creds, &limiter).unwrap();
+        let deadline = s.deadline();
+        // Noticed within the grace: an ordinary timeout.
+        let (mut prompt, ..) = setup();
+        prompt
+            .on_frame(auth("secret"), now, wall(), &creds, &limiter)
+            .unwrap();
+        assert_eq!(
+            prompt.on_timeout(deadline + STALL_GRACE).unwrap_err().code(),
+            ErrorCode::HeartbeatTimeout
+        );
+        // Noticed a second late: the process stalled, the peer gets a grace.
+        let late = deadline + Duration::from_secs(1);
+        assert!(s.on_timeout(late).is_ok());
+        assert_eq!(s.deadline(), late + STALL_GRACE);
+        // The grace is not renewed by being late again.
+        let later = s.deadline() + Duration::from_secs(5);
+        assert_eq!(
+            s.on_timeout(later).unwrap_err().code(),
+            ErrorCode::HeartbeatTimeout
+        );
+    }
+
+    #[test]
+    fn heartbeat_earns_a_fresh_grace_and_subscribe_does_not() {
+        let (mut s, creds, limiter, now) = setup();
+        s.on_frame(auth("secret"), now, wall(), &creds, &limiter).unwrap();
+        let late = s.deadline() + Duration::from_secs(1);
+        s.on_timeout(late).unwrap();
+        let in_grace = late + Duration::from_millis(100);
+        let sub = Frame::Subscribe(Subscribe {
+            mode: Mode::Second as i32,
+            resume_from_seq: None,
+        });
+        s.on_frame(sub, in_grace, wall(), &creds, &limiter).unwrap();
+        assert_eq!(s.deadline(), late + STALL_GRACE, "SUBSCRIBE moves no deadline");
+        assert!(
+            s.on_timeout(late + Duration::from_secs(2)).is_err(),
+            "nor renews the grace"
+        );
+
+        let (mut s, ..) = setup();
+        s.on_frame(auth("secret"), now, wall(), &creds, &limiter).unwrap();
+        let late = s.deadline() + Duration::from_secs(1);
+        s.on_timeout(late).unwrap();
+        let hb = Frame::Heartbeat(Heartbeat::default());
+        s.on_frame(hb, late, wall(), &creds, &limiter).unwrap();
+        assert_eq!(s.deadline(), late + TIMING.heartbeat_timeout);
+        let late_again = s.deadline() + Duration::from_secs(1);
+        assert!(s.on_timeout(late_again).is_ok(), "a heartbeat renews the grace");
+    }
+
+    #[test]
+    fn a_repeated_subscribe_is_confirmed_not_restarted() {
+        let (mut s, creds, limiter, now) = setup();
+        s.on_frame(auth("secret"), now, wall(), &creds, &limiter).unwrap();
+        let sub = |mode: Mode, seq| {
+            Frame::Subscribe(Subscribe {
+                mode: mode as i32,
+                resume_from_seq: seq,
+            })
+        };
+        assert_eq!(
+            s.on_frame(sub(Mode::Second, Some(3)), now, wall(), &creds, &limiter)
+                .unwrap(),
+            Outcome::Subscribe {
+                mode: Mode::Second,
+                resume_from_seq: Some(3)
+            }
+        );
+        assert_eq!(
+            s.on_frame(sub(Mode::Second, Some(9)), now, wall(), &creds, &limiter)
+                .unwrap(),
+            Outcome::AlreadySubscribed { mode: Mode::Second }
+        );
+        assert!(matches!(
+            s.on_frame(sub(Mode::Minute, None), now, wall(), &creds, &limiter)
+                .unwrap(),
+            Outcome::Subscribe {
+                mode: Mode::Minute,
+                ..
+            }
+        ));
+    }
+
+    /// The I/O loop's contract on paused time: sleep until the deadline, call
+    /// back with `now`; heartbeats keep the session alive, silence ends it
+    /// exactly one heartbeat timeout after the last one.
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_loop_on_paused_time_ends_the_silent_session_on_time() {
+        let (_, creds, limiter, _) = setup();
+        let start = Instant::now();
+        let mut s = Session::new(TIMING, "127.0.0.1".parse().unwrap(), 1, start);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.on_frame(auth("secret"), Instant::now(), wall(), &creds, &limiter)
+            .unwrap();
+        for _ in 0..3 {
+            tokio::time::sleep(TIMING.heartbeat_interval).await;
+            let hb = Frame::Heartbeat(Heartbeat::default());
+            s.on_frame(hb, Instant::now(), wall(), &creds, &limiter).unwrap();
+        }
+        let last_heartbeat = Instant::now();
+        let closed = loop {
+            tokio::time::sleep_until(s.deadline()).await;
+            if let Err(e) = s.on_timeout(Instant::now()) {
+                break e;
+            }
+        };
+        assert_eq!(closed.code(), ErrorCode::HeartbeatTimeout);
+        assert_eq!(Instant::now() - last_heartbeat, TIMING.heartbeat_timeout);
     }
 
     #[test]

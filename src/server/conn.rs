@@ -1,0 +1,344 @@
+//! One task per authenticated connection: the delivery loop.
+//!
+//! The loop joins the connection's [`Session`], its [`Connection`], a ring
+//! cursor per subscribed mode and one pinned timer in a single `poll_fn`:
+//! on every wake it refills the write queue from the cursors (at most
+//! [`MAX_IOVECS`] frames), writes them with one vectored write, checks for a
+//! lapped cursor even while the socket is full, and reads client frames.
+//! Control replies are queued behind data already queued, so they interleave
+//! at frame boundaries. The timer sleeps until [`Session::deadline`]; every
+//! timer rule is the session's.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::Shared;
+use crate::connection::{Connection, ReadError, MAX_IOVECS};
+use crate::error::{ErrorCode, SessionError};
+use crate::frame::{self, Frame};
+use crate::metrics::{self as m};
+use crate::proto::Mode;
+use crate::ring::{AtomicWaker, Cursor, Entry, Read, Registration, Ring};
+use crate::session::{self, Outcome, Session};
+use crate::tick;
+
+/// How long a closing connection may take to flush its ERROR and see EOF.
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Bytes of client input read and discarded after a closing ERROR.
+const CLOSE_DRAIN_LIMIT: usize = 64 * 1024;
+/// Refill-and-write rounds per wake before yielding to other tasks.
+const MAX_WRITE_ROUNDS: usize = 8;
+
+/// One item of a connection's write queue.
+pub(super) enum Outgoing {
+    /// A reply for this connection alone (ACK, HEARTBEAT echo, ERROR).
+    Control(Bytes),
+    /// A batch shared with every subscriber of its mode.
+    Data(Arc<Entry>),
+}
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Outgoing::Control(bytes) => bytes,
+            Outgoing::Data(entry) => &entry.bytes,
+        }
+    }
+}
+
+/// Runs an authenticated session until it must end: `Some(error)` to send
+/// before closing, `None` when the peer went away.
+pub(super) async fn deliver<S>(
+    conn: &mut Connection<S, Outgoing>,
+    session: &mut Session,
+    conn_id: u64,
+    shared: &Arc<Shared>,
+) -> Option<SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut subs: [Option<Subscription>; 2] = [None, None];
+    let waker = Arc::new(AtomicWaker::new());
+    let sampled = conn_id % shared.latency_sample == 0;
+    let mut timer = pin!(tokio::time::sleep_until(session.deadline()));
+    let mut cancelled = pin!(shared.shutdown.cancelled());
+
+    loop {
+        let event = poll_fn(|cx| {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Shutdown);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timeout);
+            }
+            if let Some(event) = pump_data(cx, conn, &mut subs, &waker, shared, sampled) {
+                return Poll::Ready(event);
+            }
+            // Stop reading while replies pile up for a peer that does not
+            // read them: the queue stays bounded and the heartbeat timer
+            // eventually ends such a peer.
+            if conn.queued() <= MAX_IOVECS {
+                match conn.poll_read_frame(cx) {
+                    Poll::Ready(Ok(Some(frame))) => return Poll::Ready(Event::Frame(frame)),
+                    Poll::Ready(Ok(None)) => return Poll::Ready(Event::Closed),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ReadFailed(e)),
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+
+        match event {
+            Event::Frame(frame) => {
+                let outcome = session.on_frame(
+                    frame,
+                    Instant::now(),
+                    SystemTime::now(),
+                    &shared.credentials,
+                    &shared.limiter,
+                );
+                match outcome {
+                    Ok(Outcome::Subscribe {
+                        mode,
+                        resume_from_seq,
+                    }) => {
+                        let next_seq = subscribe(&mut subs, mode, resume_from_seq, &waker, shared);
+                        conn.enqueue(Outgoing::Control(session::subscribe_ack(mode, next_seq)));
+                    }
+                    Ok(Outcome::AlreadySubscribed { mode }) => {
+                        let next_seq = subs[mode as usize].as_ref().map_or(0, |sub| sub.next_tick_seq);
+                        conn.enqueue(Outgoing::Control(session::subscribe_ack(mode, next_seq)));
+                    }
+                    Ok(Outcome::Heartbeat { reply }) => conn.enqueue(Outgoing::Control(reply)),
+                    Ok(Outcome::Authenticated { .. } | Outcome::CheckCredentials(_)) => {
+                        // An authenticated session refuses AUTH itself.
+                        return Some(SessionError::ProtocolViolation("AUTH after a successful AUTH"));
+                    }
+                    Err(e) => return Some(e),
+                }
+            }
+            Event::Timeout => {
+                if let Err(e) = session.on_timeout(Instant::now()) {
+                    return Some(e);
+                }
+            }
+            Event::Lagged => return Some(SessionError::SlowConsumer),
+            Event::Shutdown => return Some(SessionError::ServerShutdown),
+            Event::ReadFailed(ReadError::Frame(e)) => return Some(e.into()),
+            Event::WriteFailed(e) => {
+                debug!(conn_id, cause = %e, "write failed");
+                return None;
+            }
+            Event::Closed | Event::ReadFailed(_) => return None,
+        }
+        if timer.deadline() != session.deadline() {
+            // Always later than before (the session never moves it back):
+            // tokio extends the entry with a CAS.
+            timer.as_mut().reset(session.deadline());
+        }
+    }
+}
+
+/// Sends `closing` (if any) as the connection's last frame, then closes:
+/// FIN, then a bounded drain of the peer's input so our close does not turn
+/// into a reset that destroys the ERROR before the peer reads it.
+pub(super) async fn close<S>(
+    conn: &mut Connection<S, Outgoing>,
+    closing: Option<SessionError>,
+    peer: SocketAddr,
+    conn_id: u64,
+    user: &str,
+    shared: &Shared,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(error) = closing else {
+        debug!(conn_id, %peer, user, "connection closed by peer");
+        return;
+    };
+    let code = error.code();
+    tracing::Span::current().record("code", code.as_str());
+    record_close(code, &error);
+    if code == ErrorCode::SlowConsumer {
+        conn.discard_unstarted();
+    }
+    conn.enqueue(Outgoing::Control(frame::encode_error(code, error.to_string())));
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if conn.shutdown().await.is_ok() {
+            conn.drain_input(CLOSE_DRAIN_LIMIT).await;
+        }
+    })
+    .await;
+    if code == ErrorCode::ServerShutdown {
+        debug!(conn_id, %peer, user, code = code.as_str(), "connection closed");
+        return;
+    }
+    if shared.noisy_log_allowed() {
+        info!(conn_id, %peer, user, code = code.as_str(), cause = %error, "connection closed with error");
+    }
+}
+
+/// A connection's subscription to one mode.
+struct Subscription {
+    ring: Arc<Ring>,
+    cursor: Cursor,
+    /// `first_seq` of the next batch this connection will queue.
+    next_tick_seq: u64,
+    mode: Mode,
+    _registration: Registration,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        metrics::gauge!(m::SUBSCRIBERS, "mode" => tick::mode_label(self.mode)).decrement(1.0);
+    }
+}
+
+/// Why the event loop woke.
+enum Event {
+    Frame(Frame),
+    Timeout,
+    Lagged,
+    Shutdown,
+    Closed,
+    ReadFailed(ReadError),
+    WriteFailed(io::Error),
+}
+
+fn record_close(code: ErrorCode, error: &SessionError) {
+    metrics::counter!(m::ERRORS_SENT_TOTAL, "code" => code.as_str()).increment(1);
+    match error {
+        SessionError::HeartbeatTimeout => metrics::counter!(m::HEARTBEAT_TIMEOUTS_TOTAL).increment(1),
+        SessionError::SlowConsumer => metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS_TOTAL).increment(1),
+        SessionError::AuthFailed
+        | SessionError::RateLimited
+        | SessionError::AuthRequired
+        | SessionError::AuthTimeout => {
+            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => code.as_str()).increment(1);
+        }
+        _ => {}
+    }
+}
+
+/// Starts the subscription to `mode` (the session has checked it is new);
+/// returns the ACK's `next_seq`.
+fn subscribe(
+    subs: &mut [Option<Subscription>; 2],
+    mode: Mode,
+    resume_from_seq: Option<u64>,
+    waker: &Arc<AtomicWaker>,
+    shared: &Shared,
+) -> u64 {
+    let ring = shared.rings[mode as usize].clone();
+    let start = match resume_from_seq {
+        Some(seq) => ring.subscribe_from(seq),
+        None => ring.subscribe_live(),
+    };
+    metrics::gauge!(m::SUBSCRIBERS, "mode" => tick::mode_label(mode)).increment(1.0);
+    let registration = ring.register(waker.clone());
+    subs[mode as usize] = Some(Subscription {
+        ring,
+        cursor: start.cursor,
+        next_tick_seq: start.next_tick_seq,
+        mode,
+        _registration: registration,
+    });
+    start.next_tick_seq
+}
+
+/// Moves data from the cursors to the socket until the socket is full or
+/// nothing is left. Returns an event only when the connection must end.
+fn pump_data<S>(
+    cx: &mut Context<'_>,
+    conn: &mut Connection<S, Outgoing>,
+    subs: &mut [Option<Subscription>; 2],
+    waker: &AtomicWaker,
+    shared: &Shared,
+    sampled: bool,
+) -> Option<Event>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if subs.iter().any(Option::is_some) {
+        // Register before reading `published`, so a publish after our last
+        // check always wakes us.
+        waker.register(cx.waker());
+    }
+    if sampled {
+        for sub in subs.iter().flatten() {
+            shared.metrics.writer_lag.record(sub.ring.lag(&sub.cursor) as f64);
+        }
+    }
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut outcome = None;
+    for round in 0.. {
+        if round == MAX_WRITE_ROUNDS {
+            // Be fair to other connections; come back right away.
+            cx.waker().wake_by_ref();
+            break;
+        }
+        for sub in subs.iter_mut().flatten() {
+            while conn.queued() < MAX_IOVECS {
+                match sub.ring.read(&mut sub.cursor) {
+                    Read::Entry(entry) => {
+                        sub.next_tick_seq = entry.next_tick_seq;
+                        conn.enqueue(Outgoing::Data(entry));
+                    }
+                    Read::Empty => break,
+                    Read::Lagged => return Some(Event::Lagged),
+                }
+            }
+            // A writer stuck on a full socket never reads past its queue:
+            // check the lap here too, or a stuck peer would never be told.
+            if sub.ring.is_lapped(&sub.cursor) {
+                return Some(Event::Lagged);
+            }
+        }
+        if conn.queued() == 0 {
+            break;
+        }
+        let drained = conn.poll_drain(
+            cx,
+            |item| {
+                frames += 1;
+                bytes += item.as_ref().len() as u64;
+                if let (true, Outgoing::Data(entry)) = (sampled, item) {
+                    let latency = entry.encoded_at.elapsed();
+                    shared
+                        .metrics
+                        .publish_latency
+                        .record(latency.as_secs_f64() * 1000.0);
+                }
+            },
+            |gathered| {
+                if sampled {
+                    shared.metrics.frames_per_write.record(gathered as f64);
+                }
+            },
+        );
+        match drained {
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(e)) => {
+                outcome = Some(Event::WriteFailed(e));
+                break;
+            }
+            Poll::Pending => break,
+        }
+    }
+    if frames > 0 {
+        shared.metrics.messages_sent.add(frames);
+        shared.metrics.bytes_sent.add(bytes);
+    }
+    outcome
+}
