@@ -1,0 +1,150 @@
+"""Events and the per-mode sequence rules of PROTOCOL.md §6.5 and §6.8.
+
+:class:`ModeStream` is sans-IO: it takes SUBSCRIBE ACKs and batches and says
+what the application sees, so the gap, replay and reset rules are tested
+without a network.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .errors import ProtocolError
+
+
+class Mode(enum.IntEnum):
+    """``stream.Mode``."""
+
+    SECOND = 0
+    MINUTE = 1
+
+
+class Tick(NamedTuple):
+    mode: Mode
+    seq: int
+    epoch_ms: int
+
+
+@dataclass(slots=True)
+class Batch:
+    """A DATA_BATCH, in sequence order, already-delivered ticks removed.
+
+    ``epoch_ms[i]`` is the tick with sequence number ``first_seq + i``.
+    ``publish_time_us`` is when the server encoded the batch; batches
+    replayed on resume keep their original time (§6.4).
+    """
+
+    mode: Mode
+    first_seq: int
+    epoch_ms: list[int]
+    publish_time_us: int
+
+    def __len__(self) -> int:
+        return len(self.epoch_ms)
+
+    @property
+    def end_seq(self) -> int:
+        """One past the last tick's sequence number."""
+        return self.first_seq + len(self.epoch_ms)
+
+    def ticks(self) -> Iterator[Tick]:
+        mode = self.mode
+        for i, ms in enumerate(self.epoch_ms):
+            yield Tick(mode, self.first_seq + i, ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Ticks ``[expected, got)`` of ``mode`` were lost. Never hidden."""
+
+    mode: Mode
+    expected: int
+    got: int
+
+    @property
+    def lost(self) -> int:
+        return self.got - self.expected
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The server's numbering of ``mode`` started over (a restarted server):
+    the client expected ``expected``, the stream now continues at ``got``.
+    How many ticks were lost cannot be told (§13)."""
+
+    mode: Mode
+    expected: int
+    got: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """A new connection to ``address`` replaced a dropped one after
+    ``attempts`` tries; every mode was resubscribed with resume."""
+
+    address: str
+    attempts: int
+    cause: str
+
+
+Event = Batch | Gap | Reset | Reconnected
+
+
+@dataclass(slots=True)
+class ModeStream:
+    """One mode's position: ``expected`` is the next sequence number to
+    deliver, which is also the ``resume_from_seq`` after a break."""
+
+    mode: Mode
+    expected: int | None = None
+    awaiting_ack: bool = False
+    #: Set between a resume ACK whose ``next_seq`` is below the resume point
+    #: and the first batch, which tells a replay from a restart (§6.8).
+    resume_floor: int | None = None
+
+    def subscribing(self) -> int | None:
+        """Call when sending SUBSCRIBE; returns its ``resume_from_seq``."""
+        self.awaiting_ack = True
+        return self.expected
+
+    def on_ack(self, next_seq: int) -> list[Event]:
+        """A SUBSCRIBE ACK for this mode."""
+        if not self.awaiting_ack:
+            # A repeated SUBSCRIBE's ACK changes nothing (idempotent, §6.3).
+            return []
+        self.awaiting_ack = False
+        resume = self.expected
+        self.expected = next_seq
+        if resume is None or next_seq == resume:
+            return []
+        if next_seq > resume:
+            return [Gap(self.mode, resume, next_seq)]
+        self.resume_floor = resume
+        return []
+
+    def on_batch(self, batch: Batch) -> list[Event]:
+        """A DATA_BATCH of this mode; trims a replay's already-seen ticks in
+        place and returns the events to deliver, ``batch`` last."""
+        expected = self.expected
+        if expected is None or self.awaiting_ack:
+            raise ProtocolError(f"{self.mode.name} DATA_BATCH before its SUBSCRIBE ACK")
+        events: list[Event] = []
+        floor = self.resume_floor
+        if floor is not None:
+            self.resume_floor = None
+            if batch.first_seq == expected and batch.first_seq <= floor < batch.end_seq:
+                # Case A: the ring replays from an older batch.
+                del batch.epoch_ms[: floor - batch.first_seq]
+                batch.first_seq = floor
+            else:
+                events.append(Reset(self.mode, floor, batch.first_seq))
+        elif batch.first_seq > expected:
+            events.append(Gap(self.mode, expected, batch.first_seq))
+        elif batch.first_seq < expected:
+            raise ProtocolError(f"{self.mode.name} first_seq {batch.first_seq} went back from {expected}")
+        self.expected = batch.end_seq
+        events.append(batch)
+        return events
