@@ -69,3 +69,51 @@ fn sysctl_conf_is_key_equals_value_and_covers_100k_connections() {
         assert!(path.exists(), "{key} is not a sysctl here");
     }
 }
+
+#[test]
+fn alert_rules_pass_promtool_check_and_their_unit_tests() {
+    require_tool("promtool", "prometheus");
+    let dir = deploy("prometheus");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["check", "config", "prometheus.yml"][..],
+        &["test", "rules", "alerts.test.yml"][..],
+    ] {
+        let (status, out) = run_bounded(Command::new("promtool").args(args).current_dir(&dir), WAIT);
+        assert!(status.is_some_and(|s| s.success()), "promtool {args:?}: {out}");
+    }
+    // Every alert has a unit test and a runbook entry an on-call can follow.
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).expect("read alerts.yml");
+    let tests = std::fs::read_to_string(dir.join("alerts.test.yml")).expect("read alerts.test.yml");
+    let operations =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("OPERATIONS.md")).expect("read");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 8, "{alerts:?}");
+    for alert in &alerts {
+        assert!(
+            tests.contains(&format!("alertname: {alert}\n")),
+            "{alert} fires in no promtool test"
+        );
+        assert!(
+            operations.contains(&format!("`{alert}`")),
+            "{alert} has no runbook line in OPERATIONS.md"
+        );
+    }
+    for anchor in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook: \"OPERATIONS.md#"))
+    {
+        let anchor = anchor.trim_end_matches('"');
+        let heading = operations
+            .lines()
+            .filter_map(|l| l.strip_prefix("### "))
+            .any(|h| h.to_ascii_lowercase().replace(' ', "-") == anchor);
+        assert!(
+            heading,
+            "runbook anchor #{anchor} matches no ### heading in OPERATIONS.md"
+        );
+    }
+}

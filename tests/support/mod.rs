@@ -391,19 +391,27 @@ pub fn free_port() -> u16 {
 /// `GET /metrics` over plain HTTP/1.1; returns the body. `None` while the
 /// endpoint does not answer yet.
 pub async fn try_scrape(metrics: SocketAddr) -> Option<String> {
-    let mut stream = TcpStream::connect(metrics).await.ok()?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n");
+    let (status, body) = http_get(metrics, "/metrics").await?;
+    assert_eq!(status, 200, "metrics answered {status}: {body}");
+    Some(body)
+}
+
+/// `GET path` over plain HTTP/1.1 (path already percent-encoded); returns
+/// the status code and the body. `None` while nothing answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
     tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
         .await
         .ok()?
         .ok()?;
-    let response = String::from_utf8(response).expect("metrics are UTF-8");
+    let response = String::from_utf8(response).expect("HTTP response is UTF-8");
     let (head, body) = response.split_once("\r\n\r\n")?;
-    assert!(head.starts_with("HTTP/1.1 200"), "metrics answered {head}");
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
     let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    Some(if chunked { dechunk(body) } else { body.to_owned() })
+    Some((status, if chunked { dechunk(body) } else { body.to_owned() }))
 }
 
 fn dechunk(mut body: &str) -> String {
