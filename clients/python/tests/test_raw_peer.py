@@ -199,3 +199,41 @@ def test_unexpected_frames_are_protocol_errors() -> None:
                         await client.next_event()
 
     arun(body(), timeout=30)
+
+
+def test_a_reconnect_attempt_that_fails_half_way_loses_no_gap_report() -> None:
+    seen_resume: list[tuple[int, int]] = []
+
+    def ack(mode: int, next_seq: int) -> bytes:
+        return frame(0x06, pb.Ack(acked=1, mode=mode, next_seq=next_seq).SerializeToString())
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempt = len(seen_resume) // 2 + 1
+        assert (await read_frame(reader))[0] == 0x01
+        writer.write(AUTH_ACK)
+        for _ in range(2):
+            sub = pb.Subscribe.FromString((await read_frame(reader))[1])
+            seen_resume.append((sub.mode, sub.resume_from_seq))
+        if attempt == 1:
+            writer.write(ack(pb.SECOND, 7) + ack(pb.MINUTE, 3) + batch(7, 2))
+        elif attempt == 2:
+            # SECOND's ACK reveals a gap, then the connection dies before MINUTE's ACK.
+            writer.write(ack(pb.SECOND, 20))
+        else:
+            writer.write(ack(pb.SECOND, 20) + ack(pb.MINUTE, 3) + batch(20, 1))
+            await writer.drain()
+            await asyncio.sleep(1)
+        await writer.drain()
+
+    async def body() -> None:
+        async with peer(script) as addr:
+            fast = Backoff(initial=0.01, max=0.05)
+            async with Client(addr, "alice", "secret", reconnect=fast) as client:
+                await client.subscribe(Mode.SECOND, Mode.MINUTE)
+                events = [await client.next_event() for _ in range(4)]
+        assert [type(e).__name__ for e in events] == ["Batch", "Reconnected", "Gap", "Batch"]
+        assert (events[2].expected, events[2].got) == (9, 20)  # type: ignore[union-attr]
+        # The third connection resumed from the same point as the second.
+        assert seen_resume[2:4] == seen_resume[4:6] == [(pb.SECOND, 9), (pb.MINUTE, 3)]
+
+    arun(body(), timeout=20)

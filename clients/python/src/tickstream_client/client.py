@@ -17,7 +17,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -369,6 +369,11 @@ class Client:
             await asyncio.sleep(self._backoff.delay(attempt))
             # Move on: after a SERVER_SHUTDOWN the same instance is going away.
             self._address_index = (self._address_index + 1) % len(self._addresses)
+            # An attempt that fails half-way (one mode's ACK in, not the
+            # other's) is undone whole: its events are dropped and every
+            # position goes back to the resume point, so the next attempt
+            # reports the same gaps and loses nothing it had queued.
+            saved = {mode: replace(stream) for mode, stream in self._streams.items()}
             try:
                 await self._establish()
                 await self._send_subscribes(sorted(self._subscribed))
@@ -377,8 +382,7 @@ class Client:
                     await self._drop()
                     raise
                 last = e
-                for stream in self._streams.values():
-                    stream.awaiting_ack = False
+                self._streams = saved
                 del_from(self._pending, mark)
                 continue
             self._pending.insert(mark, Reconnected(self.address, attempt + 1, str(cause)))
