@@ -236,3 +236,33 @@ def test_generated_module_matches_proto_stream_proto() -> None:
             f.ClearField("json_name")
     installed = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
     assert installed == expected
+
+
+def test_clock_numbering_drops_duplicates_and_reports_exact_loss_across_instances() -> None:
+    s = ModeStream(Mode.SECOND)
+    s.subscribing()
+    assert s.on_ack(1000, "clock", "a") == []
+    s.on_batch(batch(Mode.SECOND, 1000, 5))
+    # Another instance, its clock a little behind: its first batches repeat
+    # ticks already delivered; they are dropped, never reported as a reset.
+    s.subscribing()
+    assert s.on_ack(1003, "clock", "b") == []
+    assert s.instance_id == "b"
+    assert s.on_batch(batch(Mode.SECOND, 1003, 2)) == []
+    overlap = batch(Mode.SECOND, 1004, 3)
+    assert s.on_batch(overlap) == [overlap]
+    assert (overlap.first_seq, len(overlap), s.expected) == (1005, 2, 1007)
+    # A restart beyond the resume horizon: the exact ticks lost, no reset.
+    s.subscribing()
+    assert s.on_ack(1100, "clock", "a") == [Gap(Mode.SECOND, 1007, 1100)]
+
+
+def test_a_change_of_numbering_is_a_reset() -> None:
+    s = ModeStream(Mode.MINUTE)
+    s.subscribing()
+    s.on_ack(50)
+    s.on_batch(batch(Mode.MINUTE, 50, 1))
+    s.subscribing()
+    assert s.on_ack(28_000_000, "clock") == [Reset(Mode.MINUTE, 51, 28_000_000)]
+    s.subscribing()
+    assert s.on_ack(28_000_000, "clock+synthetic/100") == [Reset(Mode.MINUTE, 28_000_000, 28_000_000)]

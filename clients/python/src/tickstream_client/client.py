@@ -248,6 +248,15 @@ class Client:
         """The next sequence number of ``mode`` to deliver: the resume point."""
         return self._streams[mode].expected
 
+    def instance_id(self, mode: Mode) -> str | None:
+        """The server instance serving ``mode`` now, if the server says (fleet extension)."""
+        return self._streams[mode].instance_id
+
+    def numbering(self, mode: Mode) -> str | None:
+        """How the server numbers ``mode``'s ticks (``Ack.numbering``); ``None``:
+        per-process numbering, where a restart is a :class:`Reset`."""
+        return self._streams[mode].numbering
+
     async def connect(self) -> SessionInfo:
         """Connects to the first address that answers and authenticates.
         :class:`AuthError` (``AUTH_FAILED``, ``RATE_LIMITED``) is raised at
@@ -441,7 +450,10 @@ class Client:
             _parse(ack, frame)
             if ack.acked == ACKED_SUBSCRIBE:
                 mode = _mode(ack.mode)
-                self._pending.extend(self._streams[mode].on_ack(ack.next_seq))
+                events = self._streams[mode].on_ack(
+                    ack.next_seq, _optional(ack, "numbering"), _optional(ack, "instance_id")
+                )
+                self._pending.extend(events)
                 return
         raise ProtocolError(f"unexpected {frame.type.name} frame")
 
@@ -462,6 +474,15 @@ def decode_batch(payload: bytes) -> Batch:
     msg = pb.DataBatch()
     msg.ParseFromString(payload)
     return Batch(_mode(msg.ticks[0].mode if msg.ticks else 0), msg.first_seq, [t.epoch_ms for t in msg.ticks], msg.publish_time_us)
+
+
+def _optional(msg: pb.Ack, name: str) -> str | None:
+    """An optional string field of the fleet extension (PROTOCOL.md §4.2):
+    ``None`` when absent, which older servers (and schemas) always are."""
+    if name not in msg.DESCRIPTOR.fields_by_name or not msg.HasField(name):
+        return None
+    value: str = getattr(msg, name)
+    return value
 
 
 def split_address(address: str) -> tuple[str, int]:
