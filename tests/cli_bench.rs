@@ -1,5 +1,6 @@
 //! `tickstream bench` against a real server process: one JSON line, no
-//! gaps, latency recorded for every frame, worker processes merged.
+//! gaps, latency recorded for every frame, worker processes merged, an
+//! address list spread over and failed over, mTLS.
 
 // A failed unwrap is a failed test, which is what a test should do.
 #![allow(clippy::unwrap_used)]
@@ -102,4 +103,86 @@ async fn failed_connections_make_the_run_fail() {
     assert_eq!(v["ok"], false);
     assert_eq!(v["failed"], 2);
     assert!(v["first_error"].as_str().unwrap().contains("AUTH_FAILED"));
+}
+
+#[tokio::test]
+async fn an_address_list_spreads_connections_and_fails_over_past_a_dead_address() {
+    let (metrics_a, metrics_b) = (free_port(), free_port());
+    let (listen_a, listen_b) = (format!("127.0.0.1:{metrics_a}"), format!("127.0.0.1:{metrics_b}"));
+    let a = spawn_server(&["--synthetic-rate", "100", "--metrics-listen", &listen_a], &[]);
+    let b = spawn_server(&["--synthetic-rate", "100", "--metrics-listen", &listen_b], &[]);
+    // Nothing listens here: connections that start at it fail over to `a`.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let list = format!("{dead},{},{}", a.addr, b.addr);
+    let (code, v, stderr) = bench(
+        &[
+            "--addr",
+            &list,
+            "-n",
+            "6",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "100ms",
+        ],
+        "secret",
+    )
+    .await;
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    assert_eq!(v["connected"], 6);
+    assert_eq!(v["addr"], list.as_str());
+    // Connections 0 and 3 start at the dead address, 1 and 4 at `a`, 2 and 5 at `b`.
+    let accepted = |text: &str| sample(text, "connections_accepted_total").unwrap_or(0.0);
+    let text_a = scrape_until(listen_a.parse().unwrap(), "connections_accepted_total", 4.0).await;
+    let text_b = scrape_until(listen_b.parse().unwrap(), "connections_accepted_total", 2.0).await;
+    assert_eq!(accepted(&text_a), 4.0, "{text_a}");
+    assert_eq!(accepted(&text_b), 2.0, "{text_b}");
+}
+
+#[tokio::test]
+async fn mtls_subscribers_run_gap_free_and_a_missing_client_certificate_fails_the_run() {
+    let pki = TempPki::new("bench-mtls");
+    let server = spawn_server(
+        &[
+            "--synthetic-rate",
+            "200",
+            "--tls-cert",
+            &pki.file("server.pem"),
+            "--tls-key",
+            &pki.file("server.key"),
+            "--tls-client-ca",
+            &pki.file("ca.pem"),
+        ],
+        &[],
+    );
+    let addr = format!("localhost:{}", server.addr.port());
+    let window = ["--duration", "500ms", "--warmup", "100ms", "-n", "3"];
+    let mut args = vec!["--addr", &addr, "--tls-ca"];
+    let ca = pki.file("ca.pem");
+    let (cert, key) = (pki.file("client.pem"), pki.file("client.key"));
+    args.push(&ca);
+    let no_cert = [args.clone(), window.to_vec()].concat();
+    args.extend(["--tls-cert", &cert, "--tls-key", &key]);
+    args.extend(window);
+    let (code, v, stderr) = bench(&args, "secret").await;
+    assert_eq!(code, Some(0), "{v} {stderr}");
+    assert_eq!(v["tls"], true);
+    assert_eq!(v["connected"], 3);
+    assert!(v["frames"].as_u64().unwrap() > 0, "{v}");
+
+    let (code, v, _) = bench(&no_cert, "secret").await;
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["failed"], 3, "{v}");
+}
+
+#[tokio::test]
+async fn an_empty_address_in_the_list_is_a_usage_error() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tickstream"))
+        .args(["bench", "--addr", "127.0.0.1:1,,127.0.0.1:2"])
+        .env("TICKSTREAM_PASSWORD", "secret")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--addr"));
 }

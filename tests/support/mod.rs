@@ -576,3 +576,44 @@ pub fn proc_stats(pid: u32) -> ProcStats {
         fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
     }
 }
+
+/// A throwaway PKI in a temp directory (removed on drop): `ca.pem`,
+/// `server.pem`/`server.key` for "localhost", `client.pem`/`client.key`
+/// for "alice", all signed by the CA.
+pub struct TempPki {
+    pub dir: std::path::PathBuf,
+}
+
+impl TempPki {
+    pub fn new(name: &str) -> TempPki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(format!("tickstream-pki-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        for (leaf, subject) in [("server", "localhost"), ("client", "alice")] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![subject.to_owned()])
+                .unwrap()
+                .signed_by(&key, &ca, &ca_key)
+                .unwrap();
+            std::fs::write(dir.join(format!("{leaf}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{leaf}.key")), key.serialize_pem()).unwrap();
+        }
+        TempPki { dir }
+    }
+
+    /// The path of one of the files, as a string for command lines.
+    pub fn file(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for TempPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{now_us, Samples, Shared, LATENCY_FLUSH};
+use super::worker::{now_us, Samples, Shared};
 
 /// The peer protocol a bench run speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -41,10 +41,7 @@ pub async fn subscriber(protocol: Protocol, addr: &str, bind: Option<SocketAddr>
         }
     };
     shared.ready.fetch_add(1, Relaxed);
-    let mut samples = Samples {
-        buf: Vec::with_capacity(LATENCY_FLUSH),
-        shared,
-    };
+    let mut samples = Samples::new(shared);
     let mut expected: Option<u64> = None;
     loop {
         let payload = match next_message(protocol, &mut stream).await {
@@ -76,10 +73,7 @@ pub async fn subscriber(protocol: Protocol, addr: &str, bind: Option<SocketAddr>
         }
         shared.frames.fetch_add(1, Relaxed);
         shared.ticks.fetch_add(1, Relaxed);
-        samples.buf.push(now_us().saturating_sub(published).max(0) as u64);
-        if samples.buf.len() == LATENCY_FLUSH {
-            samples.flush();
-        }
+        samples.record(published);
     }
 }
 
@@ -122,7 +116,7 @@ pub async fn publisher(
                 continue;
             }
         }
-        let payload = make_payload(seq, super::now_us(), size);
+        let payload = make_payload(seq, now_us(), size);
         out.clear();
         match protocol {
             Protocol::Nats => {
