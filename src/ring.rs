@@ -212,8 +212,19 @@ impl Ring {
             }
             // The producer reused the slot after our load of `published`.
             Some(entry) if entry.seq > cursor.next => Read::Lagged,
-            // Cannot happen after the Acquire load above; treat as "not yet".
-            _ => Read::Empty,
+            // Cannot happen: the Acquire load of `published` above makes the
+            // store of entry `cursor.next` (or a later one) visible. Checked
+            // in debug builds and under loom, where a weakened `published`
+            // ordering lands here; a release build treats it as "not yet".
+            other => {
+                debug_assert!(
+                    false,
+                    "slot of entry {} held {:?} after published = {head}",
+                    cursor.next,
+                    other.map(|entry| entry.seq)
+                );
+                Read::Empty
+            }
         }
     }
 
@@ -295,10 +306,19 @@ impl Publisher {
         self.next_tick_seq += tick_count;
         ring.slots[ring.index(seq)].store(Some(entry));
         // Release: pairs with the readers' Acquire, after the slot is written.
-        ring.published.store(seq + 1, Ordering::Release);
+        ring.published.store(seq + 1, PUBLISH_ORDERING);
         seq
     }
 }
+
+/// The ordering of the store of `published`: `Release`. Only the loom
+/// mutant build (`scripts/loom.sh --mutant`) weakens it to `Relaxed`, to show
+/// that the loom models fail when it is wrong.
+const PUBLISH_ORDERING: Ordering = if cfg!(all(loom, tickstream_mutant_relaxed_publish)) {
+    Ordering::Relaxed
+} else {
+    Ordering::Release
+};
 
 /// Keeps a subscriber's waker registered; unregisters on drop.
 pub struct Registration {
@@ -445,15 +465,34 @@ mod tests {
         assert_eq!(start.cursor.position(), 6);
     }
 
+    /// A task waker that counts its wakes.
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     #[test]
     fn registered_wakers_are_woken_and_unregistered_on_drop() {
         let (ring, _publisher) = Ring::new(2);
+        let count = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let task_waker = std::task::Waker::from(count.clone());
+        let woken = || count.0.load(Ordering::SeqCst);
         let waker = Arc::new(AtomicWaker::new());
         let registration = ring.register(waker.clone());
         assert_eq!(ring.subscribers(), 1);
+        waker.register(&task_waker);
         ring.wake_all();
+        assert_eq!(woken(), 1, "the registered task was woken");
+        ring.wake_all();
+        assert_eq!(woken(), 1, "a wake consumes the registration");
+        waker.register(&task_waker);
         drop(registration);
         assert_eq!(ring.subscribers(), 0);
+        ring.wake_all();
+        assert_eq!(woken(), 1, "an unregistered waker is not woken");
     }
 
     #[derive(Debug, Clone)]

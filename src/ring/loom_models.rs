@@ -25,12 +25,16 @@ fn publish(publisher: &mut Publisher, count: u64) {
     }
 }
 
-/// Reads at most `attempts` times; checks each entry is exactly the next one
-/// (ring seq, tick range and bytes) and that Lagged only comes when the
-/// cursor really fell a ring behind. Returns the entries read.
-fn read_checked(ring: &Ring, cursor: &mut Cursor, attempts: usize) -> u64 {
+/// Reads until it has `count` entries or has tried `attempts` times,
+/// yielding to the publisher while the ring is empty; checks each entry is
+/// exactly the next one (ring seq, tick range and bytes). Returns how many
+/// it read, which the models assert.
+fn read_checked(ring: &Ring, cursor: &mut Cursor, count: u64, attempts: usize) -> u64 {
     let mut read = 0;
     for _ in 0..attempts {
+        if read == count {
+            break;
+        }
         let want = cursor.position();
         match ring.read(cursor) {
             Read::Entry(entry) => {
@@ -41,14 +45,7 @@ fn read_checked(ring: &Ring, cursor: &mut Cursor, attempts: usize) -> u64 {
                 read += 1;
             }
             Read::Empty => thread::yield_now(),
-            Read::Lagged => {
-                assert!(
-                    ring.published() > want + ring.capacity(),
-                    "Lagged while entry {want} was still in the ring"
-                );
-                assert_eq!(cursor.position(), want, "a lagged cursor moved");
-                break;
-            }
+            Read::Lagged => panic!("Lagged at {want} with capacity {}", ring.capacity()),
         }
     }
     read
@@ -59,9 +56,17 @@ fn one_publisher_one_reader_never_see_a_torn_or_out_of_order_entry() {
     loom::model(|| {
         let (ring, mut publisher) = Ring::new(2);
         let mut cursor = ring.subscribe_live().cursor;
-        let reader = thread::spawn(move || read_checked(&ring, &mut cursor, 3));
+        let reader = thread::spawn(move || {
+            // Spins (yielding) until both entries arrive: exactly two, then empty.
+            let read = read_checked(&ring, &mut cursor, 2, usize::MAX);
+            assert!(
+                matches!(ring.read(&mut cursor), Read::Empty),
+                "more than was published"
+            );
+            read
+        });
         publish(&mut publisher, 2);
-        reader.join().expect("reader");
+        assert_eq!(reader.join().expect("reader"), 2, "entries read");
     });
 }
 
@@ -73,12 +78,23 @@ fn two_readers_each_see_every_entry_in_order() {
             .map(|_| {
                 let ring = ring.clone();
                 let mut cursor = ring.subscribe_live().cursor;
-                thread::spawn(move || read_checked(&ring, &mut cursor, 2))
+                // Two spinning readers exceed loom's branch limit: each tries
+                // twice while the publisher runs and finishes after it.
+                thread::spawn(move || {
+                    let read = read_checked(&ring, &mut cursor, 2, 2);
+                    (read, cursor)
+                })
             })
             .collect();
         publish(&mut publisher, 2);
         for reader in readers {
-            reader.join().expect("reader");
+            let (during, mut cursor) = reader.join().expect("reader");
+            let after = read_checked(&ring, &mut cursor, 2 - during, 2);
+            assert_eq!(during + after, 2, "entries read ({during} during the publishes)");
+            assert!(
+                matches!(ring.read(&mut cursor), Read::Empty),
+                "more than was published"
+            );
         }
     });
 }
@@ -137,31 +153,62 @@ fn a_live_subscription_acks_the_first_seq_of_the_first_batch_it_reads() {
     });
 }
 
+/// The server's pump on its own thread: register the waker, then check
+/// `published`; returns the seq of the first entry read. A lost wake-up
+/// leaves it blocked forever, which loom reports as a deadlock.
+fn spawn_pump(ring: &Arc<Ring>, waker: Arc<AtomicWaker>, mut cursor: Cursor) -> thread::JoinHandle<u64> {
+    let ring = ring.clone();
+    thread::spawn(move || {
+        loom::future::block_on(poll_fn(|cx| {
+            waker.register(cx.waker());
+            match ring.read(&mut cursor) {
+                Read::Entry(entry) => Poll::Ready(entry.seq),
+                Read::Empty => Poll::Pending,
+                Read::Lagged => panic!("lapped after one publish"),
+            }
+        }))
+    })
+}
+
 #[test]
 fn registering_before_the_last_check_loses_no_wake_up() {
     loom::model(|| {
         let (ring, mut publisher) = Ring::new(2);
         let waker = Arc::new(AtomicWaker::new());
         let registration = ring.register(waker.clone());
-        let mut cursor = ring.subscribe_live().cursor;
-        let subscriber = {
-            let ring = ring.clone();
-            // The server's pump: register, then check `published`. A lost
-            // wake-up leaves this blocked forever, which loom reports.
-            thread::spawn(move || {
-                loom::future::block_on(poll_fn(|cx| {
-                    waker.register(cx.waker());
-                    match ring.read(&mut cursor) {
-                        Read::Entry(entry) => Poll::Ready(entry.seq),
-                        Read::Empty => Poll::Pending,
-                        Read::Lagged => panic!("lapped after one publish"),
-                    }
-                }))
-            })
-        };
+        let cursor = ring.subscribe_live().cursor;
+        let subscriber = spawn_pump(&ring, waker, cursor);
         publish(&mut publisher, 1);
         ring.wake_all();
         assert_eq!(subscriber.join().expect("subscriber"), 0);
+        drop(registration);
+        assert_eq!(ring.subscribers(), 0);
+    });
+}
+
+#[test]
+fn wake_all_racing_a_register_and_a_remove_still_wakes_the_steady_subscriber() {
+    loom::model(|| {
+        let (ring, mut publisher) = Ring::new(2);
+        let waker = Arc::new(AtomicWaker::new());
+        let registration = ring.register(waker.clone());
+        let cursor = ring.subscribe_live().cursor;
+        // Another subscriber comes and goes while the wake walk runs: the
+        // walk must neither miss the steady one nor trip over the churn.
+        let churn = {
+            let ring = ring.clone();
+            thread::spawn(move || {
+                let registration = ring.register(Arc::new(AtomicWaker::new()));
+                assert!(ring.subscribers() >= 1);
+                drop(registration);
+            })
+        };
+        let subscriber = spawn_pump(&ring, waker, cursor);
+        publish(&mut publisher, 1);
+        ring.wake_all();
+        assert_eq!(subscriber.join().expect("subscriber"), 0);
+        churn.join().expect("churn");
+        assert_eq!(ring.subscribers(), 1, "only the steady subscriber is left");
         drop(registration);
         assert_eq!(ring.subscribers(), 0);
     });
