@@ -1,30 +1,30 @@
-//! The physical floor for fan-out benchmarks: one thread that, once per
-//! tick, encodes one DATA_BATCH frame and `write`s that same buffer to every
-//! subscribed loopback socket. No ring, no tasks per connection, no timers,
-//! no vectored writes, no metrics: what is left is the kernel's cost of
-//! delivering a frame, which tickstream's figures are divided by.
+//! The physical floor for fan-out benchmarks: ONE thread on an epoll loop
+//! (mio) that holds every socket registered for reads only and, once per
+//! period, writes one prebuilt DATA_BATCH frame to every subscribed socket
+//! with exactly one non-blocking `write()`. No ring, no tasks, no per-socket
+//! timers, no vectored writes, no metrics, no second thread: what is left is
+//! the kernel's cost of delivering a frame plus one epoll loop, which
+//! tickstream's figures are divided by.
 //!
 //! It speaks just enough of the protocol for `tickstream bench`: any AUTH is
-//! accepted, SUBSCRIBE is ACKed with the current sequence number, and
-//! HEARTBEATs are never read or answered (the default 15 s interval puts a
-//! few bytes a minute into the receive buffer). A socket that cannot take a
-//! whole frame at once is dropped, so a slow client is visible as an error in
-//! the bench, never as a gap.
+//! ACKed, SUBSCRIBE is ACKed with the current sequence number, and
+//! HEARTBEATs are read (so the kernel's receive buffers stay empty, as a
+//! real server's do) and dropped unanswered. A socket that cannot take a
+//! whole frame in one `write()` is closed, so a slow client shows as an
+//! error in the bench, never as a gap.
 //!
 //! ```text
 //! cargo run --release --example floor -- --listen 127.0.0.1:7100 --rate 100
 //! ```
 
-use std::io::Write;
-use std::net::TcpStream as StdStream;
-use std::sync::mpsc;
+use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
 use tickstream::frame::{self, Frame, FrameType, MAX_CLIENT_PAYLOAD};
 use tickstream::proto::{Ack, DataBatch, Mode, MsgType, Tick};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen = "127.0.0.1:7100".to_owned();
@@ -40,95 +40,177 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    let (tx, rx) = mpsc::channel::<StdStream>();
-    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-    std::thread::spawn(move || broadcast(rx, period));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket.bind(listen.parse()?)?;
-        let listener: TcpListener = socket.listen(4096)?;
-        eprintln!("floor listening on {listen}, {rate} batches/s");
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    // EMFILE and friends: keep serving the sockets we have.
-                    eprintln!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Some(std) = handshake(stream).await {
-                    let _ = tx.send(std);
-                }
-            });
-        }
-    })
+    let mut listener = TcpListener::bind(listen.parse()?)?;
+    eprintln!("floor listening on {listen}, {rate} batches/s");
+    Floor::new(rate)?.run(&mut listener)
 }
 
-/// AUTH -> ACK, then waits for SUBSCRIBE; the broadcaster sends its ACK.
-async fn handshake(mut stream: TcpStream) -> Option<StdStream> {
-    stream.set_nodelay(true).ok()?;
-    let mut buf = BytesMut::new();
-    let Frame::Auth(_) = read_frame(&mut stream, &mut buf).await? else {
-        return None;
-    };
-    let ack = Ack {
-        acked: MsgType::Auth as i32,
-        session_id: "f1004f1004f1004f".into(),
-        heartbeat_interval_ms: 15_000,
-        heartbeat_timeout_ms: 20_000,
-        ..Ack::default()
-    };
-    stream
-        .write_all(&frame::encode(FrameType::Ack, &ack))
-        .await
-        .ok()?;
-    let Frame::Subscribe(_) = read_frame(&mut stream, &mut buf).await? else {
-        return None;
-    };
-    stream.into_std().ok()
+/// The listener's token; connection `i` is `Token(i + 1)`.
+const LISTENER: Token = Token(0);
+/// Bytes read from a socket per `read()`.
+const READ_CHUNK: usize = 4096;
+
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    subscribed: bool,
 }
 
-async fn read_frame(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<Frame> {
-    loop {
-        if let Some(frame) = frame::decode(buf, MAX_CLIENT_PAYLOAD).ok()? {
-            return Some(frame);
-        }
-        if stream.read_buf(buf).await.ok()? == 0 {
-            return None;
-        }
+struct Floor {
+    poll: Poll,
+    conns: slab::Slab<Conn>,
+    /// Keys of subscribed connections, in a flat list for the write loop.
+    subscribers: Vec<usize>,
+    period: Duration,
+    seq: u64,
+}
+
+impl Floor {
+    fn new(rate: u64) -> std::io::Result<Floor> {
+        Ok(Floor {
+            poll: Poll::new()?,
+            conns: slab::Slab::new(),
+            subscribers: Vec::new(),
+            period: Duration::from_secs_f64(1.0 / rate.max(1) as f64),
+            seq: 0,
+        })
     }
-}
 
-/// The whole fan-out: every period, encode once and write to each socket.
-fn broadcast(rx: mpsc::Receiver<StdStream>, period: Duration) {
-    let mut clients: Vec<StdStream> = Vec::new();
-    let mut seq: u64 = 0;
-    let mut next = Instant::now() + period;
-    loop {
-        for mut stream in rx.try_iter() {
-            let ack = Ack {
-                acked: MsgType::Subscribe as i32,
-                mode: Mode::Second as i32,
-                next_seq: seq,
-                ..Ack::default()
-            };
-            let bytes = frame::encode(FrameType::Ack, &ack);
-            if matches!(stream.write(&bytes), Ok(n) if n == bytes.len()) {
-                clients.push(stream);
+    fn run(&mut self, listener: &mut TcpListener) -> Result<(), Box<dyn std::error::Error>> {
+        self.poll
+            .registry()
+            .register(listener, LISTENER, Interest::READABLE)?;
+        let mut events = Events::with_capacity(1024);
+        let mut next = Instant::now() + self.period;
+        loop {
+            let wait = next.saturating_duration_since(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(listener),
+                    Token(t) => self.readable(t - 1),
+                }
+            }
+            if Instant::now() >= next {
+                next += self.period;
+                self.broadcast();
             }
         }
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
+    }
+
+    fn accept(&mut self, listener: &mut TcpListener) {
+        loop {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let token = Token(entry.key() + 1);
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE)
+                        .is_ok()
+                    {
+                        entry.insert(Conn {
+                            stream,
+                            buf: BytesMut::new(),
+                            subscribed: false,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                // EMFILE and friends: keep serving the sockets we have.
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    return;
+                }
+            }
         }
-        next += period;
+    }
+
+    /// Reads until the socket would block; answers AUTH and SUBSCRIBE, drops HEARTBEATs.
+    fn readable(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let mut chunk = [0u8; READ_CHUNK];
+        let open = loop {
+            match conn.stream.read(&mut chunk) {
+                Ok(0) => break false,
+                Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        let mut open = open;
+        while open {
+            let frame = match frame::decode(&mut conn.buf, MAX_CLIENT_PAYLOAD) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => {
+                    open = false;
+                    break;
+                }
+            };
+            let reply = match frame {
+                Frame::Auth(_) => Some(frame::encode(
+                    FrameType::Ack,
+                    &Ack {
+                        acked: MsgType::Auth as i32,
+                        session_id: "f1004f1004f1004f".into(),
+                        heartbeat_interval_ms: 15_000,
+                        heartbeat_timeout_ms: 20_000,
+                        ..Ack::default()
+                    },
+                )),
+                Frame::Subscribe(_) if !conn.subscribed => {
+                    conn.subscribed = true;
+                    self.subscribers.push(key);
+                    Some(frame::encode(
+                        FrameType::Ack,
+                        &Ack {
+                            acked: MsgType::Subscribe as i32,
+                            mode: Mode::Second as i32,
+                            next_seq: self.seq,
+                            ..Ack::default()
+                        },
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                open = matches!(conn.stream.write(&reply), Ok(n) if n == reply.len());
+            }
+        }
+        if !open {
+            self.close(key);
+        }
+    }
+
+    /// The whole fan-out: encode once, one `write()` per subscribed socket.
+    fn broadcast(&mut self) {
+        let bytes = self.next_frame();
+        let mut i = 0;
+        while i < self.subscribers.len() {
+            let key = self.subscribers[i];
+            let written = self
+                .conns
+                .get_mut(key)
+                .is_some_and(|c| matches!(c.stream.write(&bytes), Ok(n) if n == bytes.len()));
+            if written {
+                i += 1;
+            } else {
+                self.close(key);
+            }
+        }
+    }
+
+    fn next_frame(&mut self) -> Bytes {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let batch = DataBatch {
             schema_version: frame::SCHEMA_VERSION,
@@ -136,11 +218,19 @@ fn broadcast(rx: mpsc::Receiver<StdStream>, period: Duration) {
                 mode: Mode::Second as i32,
                 epoch_ms: now.as_millis() as i64,
             }],
-            first_seq: seq,
+            first_seq: self.seq,
             publish_time_us: now.as_micros() as i64,
         };
-        seq += 1;
-        let bytes = frame::encode(FrameType::DataBatch, &batch);
-        clients.retain_mut(|s| matches!(s.write(&bytes), Ok(n) if n == bytes.len()));
+        self.seq += 1;
+        frame::encode(FrameType::DataBatch, &batch)
+    }
+
+    fn close(&mut self, key: usize) {
+        if let Some(mut conn) = self.conns.try_remove(key) {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+            if conn.subscribed {
+                self.subscribers.retain(|&k| k != key);
+            }
+        }
     }
 }
