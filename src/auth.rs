@@ -18,9 +18,10 @@
 //! [`Credentials::is_slow`] the session hands the attempt back to the server,
 //! which runs the check on tokio's blocking pool, a bounded number at a time.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -54,10 +55,13 @@ pub enum CredentialsError {
 #[derive(Clone)]
 pub struct Credentials {
     users: HashMap<String, Secret>,
-    /// True when any secret is a hash: then every check, unknown users
-    /// included, costs a hash verification, so timing does not tell which
-    /// users exist.
-    slow: bool,
+    /// Set when any secret is a hash: a PHC string of a random password
+    /// with the same parameters, that unknown names are checked against.
+    /// Then every check (plaintext users, whose secrets are hashed at load,
+    /// and unknown names included) costs one verification with the same
+    /// parameters, so timing tells neither which names exist nor how
+    /// their secrets are stored.
+    dummy: Option<String>,
 }
 
 #[derive(Clone)]
@@ -104,14 +108,32 @@ impl Credentials {
         if users.is_empty() {
             return Err(CredentialsError::Empty);
         }
-        let slow = users.values().any(|s| matches!(s, Secret::Argon2id(_)));
-        Ok(Credentials { users, slow })
+        let params = users.values().find_map(|secret| match secret {
+            Secret::Argon2id(phc) => PasswordHash::new(phc)
+                .ok()
+                .and_then(|hash| argon2::Params::try_from(&hash).ok()),
+            Secret::Plain(_) => None,
+        });
+        let Some(params) = params else {
+            return Ok(Credentials { users, dummy: None });
+        };
+        for secret in users.values_mut() {
+            if let Secret::Plain(plain) = secret {
+                *secret = Secret::Argon2id(hash_with(plain, params.clone())?);
+            }
+        }
+        let random: [u8; 32] = rand::random();
+        let dummy = hash_with(&random, params)?;
+        Ok(Credentials {
+            users,
+            dummy: Some(dummy),
+        })
     }
 
     /// True when [`Credentials::verify`] may take tens of milliseconds (some
     /// secret is a hash): run it off the async reactor.
     pub fn is_slow(&self) -> bool {
-        self.slow
+        self.dummy.is_some()
     }
 
     /// True when `username` exists and `password` matches. Plaintext secrets
@@ -120,14 +142,14 @@ impl Credentials {
     /// the timing does not tell which user names exist.
     pub fn verify(&self, username: &str, password: &str) -> bool {
         const DUMMY: &[u8] = b"tickstream-no-such-user-dummy-password";
-        match self.users.get(username) {
-            Some(Secret::Plain(secret)) => secret.ct_eq(password.as_bytes()).into(),
-            Some(Secret::Argon2id(phc)) => verify_phc(phc, password),
-            None if self.slow => {
-                let _ = verify_phc(dummy_phc(), password);
+        match (self.users.get(username), &self.dummy) {
+            (Some(Secret::Plain(secret)), _) => secret.ct_eq(password.as_bytes()).into(),
+            (Some(Secret::Argon2id(phc)), _) => verify_phc(phc, password),
+            (None, Some(dummy)) => {
+                let _ = verify_phc(dummy, password);
                 false
             }
-            None => {
+            (None, None) => {
                 let _: bool = DUMMY.ct_eq(password.as_bytes()).into();
                 false
             }
@@ -138,10 +160,15 @@ impl Credentials {
 /// An argon2id PHC string for `password` with a random salt and the argon2
 /// crate's default (OWASP) parameters: m=19456 KiB, t=2, p=1.
 pub fn hash_password(password: &str) -> Result<String, CredentialsError> {
+    hash_with(password.as_bytes(), argon2::Params::default())
+}
+
+/// An argon2id PHC string for `password` with a random salt and `params`.
+fn hash_with(password: &[u8], params: argon2::Params) -> Result<String, CredentialsError> {
     let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
         .map_err(|e| CredentialsError::Hash(e.to_string()))?;
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
+    Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(password, &salt)
         .map(|hash| hash.to_string())
         .map_err(|e| CredentialsError::Hash(e.to_string()))
 }
@@ -194,83 +221,193 @@ fn verify_phc(phc: &str, password: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// A hash of a random password, made once, to check unknown users against.
-fn dummy_phc() -> &'static str {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| {
-        let random: [u8; 16] = rand::random();
-        hash_password(&format!("{random:?}")).unwrap_or_default()
-    })
+/// The part of a source address that per-address limits key on: an IPv4
+/// address whole, an IPv6 address cut to its first `--ipv6-prefix` bits (one
+/// IPv6 host usually owns a whole /64, so keying the full address would
+/// give it 2^64 budgets). IPv4-mapped IPv6 addresses count as IPv4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    bits: u128,
+    v6: bool,
 }
 
-/// Per-source-IP token bucket of failed AUTH attempts: `per_minute` failures
-/// are allowed, refilled continuously. Once empty, AUTH from that IP is
-/// refused with RATE_LIMITED before the password is checked.
+impl AddrKey {
+    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> AddrKey {
+        match ip {
+            IpAddr::V4(v4) => AddrKey {
+                bits: u128::from(u32::from(v4)),
+                v6: false,
+            },
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddrKey::new(IpAddr::V4(v4), ipv6_prefix),
+                None => {
+                    let prefix = u32::from(ipv6_prefix.min(128));
+                    let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                    AddrKey {
+                        bits: u128::from(v6) & mask,
+                        v6: true,
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The AUTH guess limiter. Two rules, both charged when a guess is taken
+/// for checking (not when it has failed), so guesses carried by many
+/// connections at once are counted as they arrive:
+///
+/// - **per source address** (an [`AddrKey`]): a GCRA of `per_minute`
+///   guesses a minute with a burst of `per_minute`. Over it, AUTH is refused
+///   with RATE_LIMITED before the password is checked. A successful AUTH
+///   refunds its guess, so a user who types the right password is never
+///   charged for it.
+/// - **per user name**: failures against a name add a delay to the next
+///   guesses for that name (from any address), growing with the recent
+///   failures and capped, so a guesser spread over many addresses is slowed
+///   too, but nobody can lock a user out: the right password still gets in
+///   after the delay. Names are keyed by a salted hash into a fixed table,
+///   existing or not, so the delay tells nothing about which names exist.
+///
+/// # Memory
+///
+/// Both tables have a fixed size, allocated once, and no operation scans
+/// them. Addresses live in a set-associative table ([`ADDR_SETS`] sets of
+/// [`ADDR_WAYS`]); an address not in its set starts with a full budget, and
+/// a new address replaces the entry in its set whose debt ends first. A flood
+/// of new addresses can therefore only hand *itself* fresh budgets (each of
+/// its addresses has one anyway); it never charges an innocent address.
+/// The `governor` crate's keyed limiter was considered: its state map grows
+/// with every distinct key until `retain_recent` scans all of it.
 pub struct AuthLimiter {
+    /// 0 disables the per-address rule.
     per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    interval: Duration,
+    tolerance: Duration,
+    ipv6_prefix: u8,
+    hasher: RandomState,
+    sets: Box<[Mutex<[Option<AddrEntry>; ADDR_WAYS]>]>,
+    /// Theoretical arrival time of each name slot's failure debt.
+    names: Box<[Mutex<Option<Instant>>]>,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
+struct AddrEntry {
+    key: AddrKey,
+    /// GCRA theoretical arrival time: the budget is spent up to here.
+    tat: Instant,
 }
 
-/// Above this many tracked addresses, full buckets are pruned.
-const LIMITER_PRUNE_AT: usize = 10_000;
+/// Sets of the address table.
+pub const ADDR_SETS: usize = 2048;
+/// Entries per set of the address table.
+pub const ADDR_WAYS: usize = 8;
+/// Slots of the user-name table.
+const NAME_SLOTS: usize = 1024;
+/// A failure against a name is forgotten after this long (failures add up).
+const NAME_FAILURE_MEMORY: Duration = Duration::from_secs(6);
+/// Recent failures against one name that cost no delay (typos).
+const NAME_FREE_FAILURES: u32 = 10;
+/// Delay per recent failure beyond the free ones.
+const NAME_DELAY_STEP: Duration = Duration::from_millis(200);
+/// Longest delay a name's failures add to a guess.
+pub const NAME_DELAY_CAP: Duration = Duration::from_secs(2);
 
 impl AuthLimiter {
-    /// `per_minute == 0` disables the limiter.
-    pub fn new(per_minute: u32) -> AuthLimiter {
+    /// `per_minute` guesses a minute per source address (0 = no
+    /// per-address limit); IPv6 sources are keyed by their first
+    /// `ipv6_prefix` bits.
+    pub fn new(per_minute: u32, ipv6_prefix: u8) -> AuthLimiter {
+        let interval = match per_minute {
+            0 => Duration::ZERO,
+            n => Duration::from_secs(60) / n,
+        };
         AuthLimiter {
             per_minute,
-            buckets: Mutex::new(HashMap::new()),
+            interval,
+            tolerance: interval * per_minute.saturating_sub(1),
+            ipv6_prefix,
+            hasher: RandomState::new(),
+            sets: (0..ADDR_SETS).map(|_| Mutex::new([None; ADDR_WAYS])).collect(),
+            names: (0..NAME_SLOTS).map(|_| Mutex::new(None)).collect(),
         }
     }
 
-    /// True when `ip` has used up its failed attempts.
-    pub fn is_limited(&self, ip: IpAddr, now: Instant) -> bool {
+    /// The key `ip` is limited by.
+    pub fn key(&self, ip: IpAddr) -> AddrKey {
+        AddrKey::new(ip, self.ipv6_prefix)
+    }
+
+    /// Charges one guess from `ip` at `now`. `false` when its address is
+    /// over the limit: the guess is refused and not charged.
+    pub fn try_charge(&self, ip: IpAddr, now: Instant) -> bool {
         if self.per_minute == 0 {
-            return false;
+            return true;
         }
-        let mut buckets = self.buckets.lock();
-        match buckets.get_mut(&ip) {
-            Some(bucket) => {
-                self.refill(bucket, now);
-                bucket.tokens < 1.0
+        let key = self.key(ip);
+        let mut set = self.set(key).lock();
+        if let Some(entry) = set.iter_mut().flatten().find(|e| e.key == key) {
+            let tat = entry.tat.max(now);
+            if tat.saturating_duration_since(now) > self.tolerance {
+                return false;
             }
-            None => false,
+            entry.tat = tat + self.interval;
+            return true;
         }
+        // Not tracked: a full budget. Take an empty way, or the one whose
+        // debt ends first.
+        let victim = set
+            .iter_mut()
+            .min_by_key(|e| e.map(|e| e.tat))
+            .expect("ADDR_WAYS > 0");
+        *victim = Some(AddrEntry {
+            key,
+            tat: now + self.interval,
+        });
+        true
     }
 
-    /// Counts one failed AUTH from `ip`.
-    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
+    /// Gives back the guess charged for `ip` (the AUTH succeeded).
+    pub fn refund(&self, ip: IpAddr) {
         if self.per_minute == 0 {
             return;
         }
-        let capacity = f64::from(self.per_minute);
-        let mut buckets = self.buckets.lock();
-        if buckets.len() >= LIMITER_PRUNE_AT {
-            buckets.retain(|_, b| {
-                self.refill(b, now);
-                b.tokens < capacity
-            });
+        let key = self.key(ip);
+        let mut set = self.set(key).lock();
+        if let Some(entry) = set.iter_mut().flatten().find(|e| e.key == key) {
+            entry.tat = entry.tat.checked_sub(self.interval).unwrap_or(entry.tat);
         }
-        let bucket = buckets.entry(ip).or_insert(Bucket {
-            tokens: capacity,
-            updated: now,
-        });
-        self.refill(bucket, now);
-        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
     }
 
-    fn refill(&self, bucket: &mut Bucket, now: Instant) {
-        let capacity = f64::from(self.per_minute);
-        let elapsed = now.saturating_duration_since(bucket.updated);
-        let per_second = capacity / Duration::from_secs(60).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed.as_secs_f64() * per_second).min(capacity);
-        bucket.updated = now;
+    /// Counts one failed guess against `username` at `now`.
+    pub fn record_name_failure(&self, username: &str, now: Instant) {
+        let mut tat = self.name_slot(username).lock();
+        let from = tat.map_or(now, |t| t.max(now));
+        *tat = Some(from + NAME_FAILURE_MEMORY);
+    }
+
+    /// How long a guess for `username` at `now` waits before it is checked:
+    /// 0 up to [`NAME_FREE_FAILURES`] recent failures, then
+    /// [`NAME_DELAY_STEP`] more per failure, at most [`NAME_DELAY_CAP`].
+    pub fn name_delay(&self, username: &str, now: Instant) -> Duration {
+        let Some(tat) = *self.name_slot(username).lock() else {
+            return Duration::ZERO;
+        };
+        let debt = tat.saturating_duration_since(now);
+        let recent = (debt.as_millis() / NAME_FAILURE_MEMORY.as_millis()) as u32;
+        NAME_DELAY_STEP
+            .saturating_mul(recent.saturating_sub(NAME_FREE_FAILURES))
+            .min(NAME_DELAY_CAP)
+    }
+
+    fn set(&self, key: AddrKey) -> &Mutex<[Option<AddrEntry>; ADDR_WAYS]> {
+        let index = self.hasher.hash_one(key) as usize % self.sets.len();
+        &self.sets[index]
+    }
+
+    fn name_slot(&self, username: &str) -> &Mutex<Option<Instant>> {
+        let index = self.hasher.hash_one(username) as usize % self.names.len();
+        &self.names[index]
     }
 }
 
@@ -328,6 +465,23 @@ mod tests {
     }
 
     #[test]
+    fn beside_a_hash_plaintext_secrets_are_hashed_with_its_parameters() {
+        let cheap = argon2::Params::new(64, 1, 1, None).unwrap();
+        let hash = hash_with(b"s3cret", cheap).unwrap();
+        let creds = Credentials::parse(&format!("alice:{hash},bob:pw")).unwrap();
+        let Some(Secret::Argon2id(bob)) = creds.users.get("bob") else {
+            panic!("bob's plaintext secret was kept")
+        };
+        assert!(bob.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{bob}");
+        let dummy = creds.dummy.as_deref().unwrap();
+        assert!(dummy.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{dummy}");
+        assert!(creds.verify("bob", "pw"));
+        assert!(!creds.verify("bob", "pw2"));
+        assert!(creds.verify("alice", "s3cret"));
+        assert!(!creds.verify("carol", "pw"));
+    }
+
+    #[test]
     fn entries_split_at_commas_except_inside_a_hash() {
         let split = |s: &str| split_entries(s);
         assert_eq!(split("a:1,b:2"), ["a:1", "b:2"]);
@@ -359,18 +513,79 @@ mod tests {
     }
 
     #[test]
-    fn limiter_allows_n_failures_a_minute_then_refills() {
-        let limiter = AuthLimiter::new(5);
+    fn limiter_allows_n_guesses_a_minute_then_refills() {
+        let limiter = AuthLimiter::new(5, 64);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let other: IpAddr = "10.0.0.2".parse().unwrap();
         let t0 = Instant::now();
         for _ in 0..5 {
-            assert!(!limiter.is_limited(ip, t0));
-            limiter.record_failure(ip, t0);
+            assert!(limiter.try_charge(ip, t0));
         }
-        assert!(limiter.is_limited(ip, t0));
-        assert!(!limiter.is_limited(other, t0), "limits are per address");
-        assert!(limiter.is_limited(ip, t0 + Duration::from_secs(11)));
-        assert!(!limiter.is_limited(ip, t0 + Duration::from_secs(12)));
+        assert!(!limiter.try_charge(ip, t0));
+        assert!(limiter.try_charge(other, t0), "limits are per address");
+        assert!(!limiter.try_charge(ip, t0 + Duration::from_secs(11)));
+        assert!(limiter.try_charge(ip, t0 + Duration::from_secs(12)));
+        assert!(!limiter.try_charge(ip, t0 + Duration::from_secs(12)));
+        // A refund gives the guess back.
+        limiter.refund(ip);
+        assert!(limiter.try_charge(ip, t0 + Duration::from_secs(12)));
+        assert!(AuthLimiter::new(0, 64).try_charge(ip, t0), "0 disables it");
+    }
+
+    #[test]
+    fn ipv6_sources_share_a_budget_per_prefix() {
+        let limiter = AuthLimiter::new(2, 64);
+        let t0 = Instant::now();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(limiter.try_charge(a, t0));
+        assert!(limiter.try_charge(b, t0));
+        assert!(!limiter.try_charge(a, t0), "same /64");
+        assert!(limiter.try_charge(c, t0), "another /64");
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(
+            AddrKey::new(mapped, 64),
+            AddrKey::new("10.1.2.3".parse().unwrap(), 64)
+        );
+        assert_eq!(AddrKey::new(a, 0), AddrKey::new(c, 0));
+        assert_ne!(AddrKey::new(a, 128), AddrKey::new(b, 128));
+    }
+
+    #[test]
+    fn a_flood_of_new_addresses_never_limits_an_untouched_one() {
+        let limiter = AuthLimiter::new(1, 64);
+        let t0 = Instant::now();
+        // Far more addresses than the table holds, each spending its budget.
+        for i in 0..(ADDR_SETS * ADDR_WAYS * 2) as u32 {
+            let ip = IpAddr::V4((0x0a00_0000 + i).into());
+            assert!(limiter.try_charge(ip, t0));
+        }
+        assert!(limiter.try_charge("192.0.2.1".parse().unwrap(), t0));
+        assert!(!limiter.try_charge("192.0.2.1".parse().unwrap(), t0));
+    }
+
+    #[test]
+    fn failures_against_a_name_add_a_growing_capped_delay() {
+        let limiter = AuthLimiter::new(5, 64);
+        let t0 = Instant::now();
+        for _ in 0..NAME_FREE_FAILURES {
+            limiter.record_name_failure("alice", t0);
+        }
+        assert_eq!(limiter.name_delay("alice", t0), Duration::ZERO, "typos are free");
+        limiter.record_name_failure("alice", t0);
+        let one = limiter.name_delay("alice", t0);
+        limiter.record_name_failure("alice", t0);
+        let two = limiter.name_delay("alice", t0);
+        assert!(Duration::ZERO < one && one < two, "{one:?} {two:?}");
+        for _ in 0..100 {
+            limiter.record_name_failure("alice", t0);
+        }
+        assert_eq!(limiter.name_delay("alice", t0), NAME_DELAY_CAP);
+        // Failures are forgotten over time.
+        assert_eq!(
+            limiter.name_delay("alice", t0 + NAME_FAILURE_MEMORY * 200),
+            Duration::ZERO
+        );
     }
 }

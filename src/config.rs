@@ -9,6 +9,7 @@ use clap::Args;
 use thiserror::Error;
 
 use crate::auth::{Credentials, CredentialsError, USERS_ENV};
+use crate::proxy::Cidr;
 
 /// Flags of `tickstream serve`. Durations take humantime syntax (`500ms`, `20s`).
 #[derive(Debug, Clone, Args)]
@@ -60,9 +61,28 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSTREAM_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
 
-    /// Failed AUTHs allowed per source IP per minute before RATE_LIMITED (0 = no limit).
+    /// AUTH guesses checked per source address per minute before RATE_LIMITED
+    /// (0 = no limit). A guess is counted when it is taken for checking and
+    /// given back when it succeeds.
     #[arg(long, env = "TICKSTREAM_AUTH_FAILURES_PER_MINUTE", default_value_t = 5)]
     pub auth_failures_per_minute: u32,
+
+    /// Most connections not yet authenticated at once (PROXY header, TLS
+    /// handshake and AUTH included); more are refused with
+    /// TOO_MANY_CONNECTIONS. At most half of --max-connections whatever is
+    /// set: the other half is reserved for authenticated subscribers.
+    #[arg(long, env = "TICKSTREAM_MAX_PENDING_AUTH", default_value_t = 1024)]
+    pub max_pending_auth: usize,
+
+    /// Most connections not yet authenticated from one source address (an
+    /// IPv6 source counts by its --ipv6-prefix); 0 = no per-address cap.
+    #[arg(long, env = "TICKSTREAM_MAX_PENDING_AUTH_PER_IP", default_value_t = 64)]
+    pub max_pending_auth_per_ip: usize,
+
+    /// Prefix length that identifies one IPv6 source for every per-address
+    /// limit (one host usually owns a /64). 1 to 128.
+    #[arg(long, env = "TICKSTREAM_IPV6_PREFIX", default_value_t = 64)]
+    pub ipv6_prefix: u8,
 
     /// Kernel send buffer per client socket in bytes (SO_SNDBUF; 0 = kernel
     /// autotuning). Bounds what a client that stops reading pins in the kernel:
@@ -96,6 +116,12 @@ pub struct ServeArgs {
     /// always sends one: connections without it are closed.
     #[arg(long, env = "TICKSTREAM_PROXY_PROTOCOL")]
     pub proxy_protocol: bool,
+
+    /// Balancer addresses allowed to send PROXY headers (CIDR networks or
+    /// addresses, comma-separated); required with --proxy-protocol.
+    /// Connections from any other peer are refused and counted.
+    #[arg(long, env = "TICKSTREAM_PROXY_TRUSTED", value_delimiter = ',')]
+    pub proxy_trusted: Vec<Cidr>,
 
     /// Log level (error, warn, info, debug, trace); RUST_LOG filters override it.
     #[arg(long, env = "TICKSTREAM_LOG_LEVEL", default_value = "info")]
@@ -149,10 +175,14 @@ pub struct Config {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub auth_failures_per_minute: u32,
+    pub max_pending_auth: usize,
+    pub max_pending_auth_per_ip: usize,
+    pub ipv6_prefix: u8,
     pub send_buffer: usize,
     pub latency_sample: u64,
     pub reuse_port: bool,
     pub proxy_protocol: bool,
+    pub proxy_trusted: Vec<Cidr>,
     pub tls: Option<TlsFiles>,
     pub credentials: Credentials,
 }
@@ -171,50 +201,6 @@ impl Config {
     /// Checks `args` and reads credentials from `users` (the value of
     /// `TICKSTREAM_USERS`, if set).
     pub fn from_args(args: &ServeArgs, users: Option<&str>) -> Result<Config, ConfigError> {
-        let invalid = |flag: &'static str, reason: &str| ConfigError::Invalid {
-            flag,
-            reason: reason.to_owned(),
-        };
-        let interval: Duration = args.heartbeat_interval.into();
-        let timeout: Duration = args.heartbeat_timeout.into();
-        let auth_timeout: Duration = args.auth_timeout.into();
-        let window: Duration = args.batch_window.into();
-        if interval.is_zero() {
-            return Err(invalid("heartbeat-interval", "must be greater than 0"));
-        }
-        if timeout <= interval {
-            return Err(invalid(
-                "heartbeat-timeout",
-                &format!(
-                    "must be longer than --heartbeat-interval ({})",
-                    args.heartbeat_interval
-                ),
-            ));
-        }
-        if timeout > MAX_HEARTBEAT {
-            return Err(invalid("heartbeat-timeout", "must be at most 49 days"));
-        }
-        if auth_timeout.is_zero() {
-            return Err(invalid("auth-timeout", "must be greater than 0"));
-        }
-        if !(MIN_BATCH_WINDOW..=MAX_BATCH_WINDOW).contains(&window) {
-            return Err(invalid("batch-window", "must be between 1ms and 1s"));
-        }
-        if window.as_micros() % 1000 != 0 {
-            return Err(invalid("batch-window", "must be a whole number of milliseconds"));
-        }
-        if args.synthetic_rate > MAX_SYNTHETIC_RATE {
-            return Err(invalid("synthetic-rate", "must be at most 100000000 ticks/s"));
-        }
-        if !(1..=MAX_RING_CAPACITY).contains(&args.ring_capacity) {
-            return Err(invalid("ring-capacity", "must be between 1 and 1048576 batches"));
-        }
-        if args.max_connections == 0 {
-            return Err(invalid("max-connections", "must be at least 1"));
-        }
-        if args.latency_sample == 0 {
-            return Err(invalid("latency-sample", "must be at least 1"));
-        }
         let credentials = Credentials::parse(users.ok_or(ConfigError::NoUsers)?)?;
         let tls = match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
@@ -224,25 +210,99 @@ impl Config {
             }),
             _ => None,
         };
-        Ok(Config {
+        let config = Config {
             listen: args.listen,
             metrics_listen: args.metrics_listen.0,
-            heartbeat_interval: interval,
-            heartbeat_timeout: timeout,
-            auth_timeout,
-            batch_window: window,
+            heartbeat_interval: args.heartbeat_interval.into(),
+            heartbeat_timeout: args.heartbeat_timeout.into(),
+            auth_timeout: args.auth_timeout.into(),
+            batch_window: args.batch_window.into(),
             synthetic_rate: args.synthetic_rate,
             ring_capacity: args.ring_capacity,
             max_connections: args.max_connections,
             max_connections_per_ip: args.max_connections_per_ip,
             auth_failures_per_minute: args.auth_failures_per_minute,
+            max_pending_auth: args.max_pending_auth,
+            max_pending_auth_per_ip: args.max_pending_auth_per_ip,
+            ipv6_prefix: args.ipv6_prefix,
             send_buffer: args.send_buffer,
             latency_sample: args.latency_sample,
             reuse_port: args.reuse_port,
             proxy_protocol: args.proxy_protocol,
+            proxy_trusted: args.proxy_trusted.clone(),
             tls,
             credentials,
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every rule a running server relies on. [`Config::from_args`]
+    /// calls it, and so does [`crate::server::run`], so a `Config` built or
+    /// changed field by field through the library cannot start a server that
+    /// misbehaves (a zero `latency_sample` would divide by zero).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |flag: &'static str, reason: &str| {
+            Err(ConfigError::Invalid {
+                flag,
+                reason: reason.to_owned(),
+            })
+        };
+        let interval = self.heartbeat_interval;
+        let timeout = self.heartbeat_timeout;
+        let window = self.batch_window;
+        if interval.is_zero() {
+            return invalid("heartbeat-interval", "must be greater than 0");
+        }
+        if timeout <= interval {
+            return invalid(
+                "heartbeat-timeout",
+                &format!(
+                    "must be longer than --heartbeat-interval ({})",
+                    humantime::format_duration(interval)
+                ),
+            );
+        }
+        if timeout > MAX_HEARTBEAT {
+            return invalid("heartbeat-timeout", "must be at most 49 days");
+        }
+        if self.auth_timeout.is_zero() {
+            return invalid("auth-timeout", "must be greater than 0");
+        }
+        if !(MIN_BATCH_WINDOW..=MAX_BATCH_WINDOW).contains(&window) {
+            return invalid("batch-window", "must be between 1ms and 1s");
+        }
+        if window.as_micros() % 1000 != 0 {
+            return invalid("batch-window", "must be a whole number of milliseconds");
+        }
+        if self.synthetic_rate > MAX_SYNTHETIC_RATE {
+            return invalid("synthetic-rate", "must be at most 100000000 ticks/s");
+        }
+        if !(1..=MAX_RING_CAPACITY).contains(&self.ring_capacity) {
+            return invalid("ring-capacity", "must be between 1 and 1048576 batches");
+        }
+        if self.max_connections == 0 {
+            return invalid("max-connections", "must be at least 1");
+        }
+        if self.latency_sample == 0 {
+            return invalid("latency-sample", "must be at least 1");
+        }
+        if self.max_pending_auth == 0 {
+            return invalid("max-pending-auth", "must be at least 1");
+        }
+        if !(1..=128).contains(&self.ipv6_prefix) {
+            return invalid("ipv6-prefix", "must be between 1 and 128");
+        }
+        if self.proxy_protocol && self.proxy_trusted.is_empty() {
+            return invalid(
+                "proxy-trusted",
+                "is required with --proxy-protocol: list the balancer addresses (CIDR) allowed to send PROXY headers",
+            );
+        }
+        if !self.proxy_protocol && !self.proxy_trusted.is_empty() {
+            return invalid("proxy-trusted", "only applies with --proxy-protocol");
+        }
+        Ok(())
     }
 
     /// A configuration for tests and embedding: loopback, port 0, metrics off,
@@ -260,10 +320,14 @@ impl Config {
             max_connections: 100_000,
             max_connections_per_ip: 0,
             auth_failures_per_minute: 5,
+            max_pending_auth: 1024,
+            max_pending_auth_per_ip: 64,
+            ipv6_prefix: 64,
             send_buffer: 128 * 1024,
             latency_sample: 1,
             reuse_port: false,
             proxy_protocol: false,
+            proxy_trusted: Vec::new(),
             tls: None,
             credentials: Credentials::parse(users).expect("test credentials parse"),
         }
@@ -309,10 +373,38 @@ mod tests {
             (&["--batch-window", "1500us"][..], "batch-window"),
             (&["--ring-capacity", "0"][..], "ring-capacity"),
             (&["--max-connections", "0"][..], "max-connections"),
+            (&["--latency-sample", "0"][..], "latency-sample"),
+            (&["--max-pending-auth", "0"][..], "max-pending-auth"),
+            (&["--ipv6-prefix", "0"][..], "ipv6-prefix"),
+            (&["--ipv6-prefix", "129"][..], "ipv6-prefix"),
+            (&["--proxy-protocol"][..], "proxy-trusted"),
+            (&["--proxy-trusted", "10.0.0.0/8"][..], "proxy-trusted"),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.to_string().starts_with(&format!("--{flag}:")), "{err}");
         }
+    }
+
+    #[test]
+    fn proxy_trusted_takes_a_list_of_networks() {
+        let c = parse(&["--proxy-protocol", "--proxy-trusted", "10.0.0.0/8,192.0.2.7"]).unwrap();
+        assert_eq!(c.proxy_trusted.len(), 2);
+        assert!(c.proxy_trusted[1].contains("192.0.2.7".parse().unwrap()));
+        let cli = Cli::try_parse_from(["serve", "--proxy-trusted", "10.0.0.0/99"]);
+        let err = cli.err().expect("a bad CIDR is a usage error").to_string();
+        assert!(err.contains("--proxy-trusted"), "{err}");
+    }
+
+    #[test]
+    fn a_config_changed_through_the_library_is_checked_again() {
+        let mut c = Config::for_tests("u:p");
+        assert_eq!(c.validate(), Ok(()));
+        c.latency_sample = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--latency-sample:"));
     }
 
     #[test]

@@ -72,6 +72,12 @@ where
         &self.stream
     }
 
+    /// Changes the payload limit for frames read from now on (the server
+    /// allows larger frames once a peer has authenticated).
+    pub fn set_max_payload(&mut self, max_payload: u32) {
+        self.max_payload = max_payload;
+    }
+
     /// Polls for the next frame. `Ready(Ok(None))` is a clean end of stream.
     ///
     /// An idle connection holds no read buffer: while nothing is buffered,

@@ -79,7 +79,7 @@ pub fn session(data: &[u8]) {
         heartbeat_timeout: Duration::from_secs(20),
     };
     let credentials = Credentials::parse("alice:secret").expect("fixed credentials parse");
-    let limiter = AuthLimiter::new(5);
+    let limiter = AuthLimiter::new(5, 64);
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut now = Instant::now();
     let wall = SystemTime::now();

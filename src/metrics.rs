@@ -51,9 +51,12 @@ pub const TLS_RELOADS_TOTAL: &str = "tls_reloads_total";
 pub const MODE_LABELS: [&str; 2] = ["second", "minute"];
 /// `reason` label values of `connections_rejected_total`: a connection
 /// refused before it could authenticate.
-pub const REJECT_REASONS: [&str; 6] = [
+pub const REJECT_REASONS: [&str; 9] = [
     "max_connections",
     "per_ip",
+    "pending_auth",
+    "pending_auth_per_ip",
+    "proxy_untrusted",
     "proxy_header",
     "proxy_header_timeout",
     "tls_handshake",

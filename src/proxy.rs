@@ -14,6 +14,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
+use std::str::FromStr;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -30,6 +31,10 @@ pub const V1_PREFIX: &[u8] = b"PROXY ";
 pub const V1_MAX_LEN: usize = 107;
 /// Fixed part of a v2 header: signature, version/command, family, length.
 pub const V2_FIXED_LEN: usize = 16;
+/// Longest v2 header accepted, TLVs included. Balancers send a few hundred
+/// bytes at most; the format allows 64 KiB, which a connection would
+/// otherwise make the server buffer before anything is checked.
+pub const V2_MAX_LEN: usize = 2048;
 
 /// A connection whose PROXY header cannot be used.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -110,6 +115,9 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
     }
     let family = buf[13];
     let len = V2_FIXED_LEN + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    if len > V2_MAX_LEN {
+        return Err(ProxyError::BadV2("header longer than 2048 bytes"));
+    }
     if buf.len() < len {
         return Ok(Parsed::Incomplete);
     }
@@ -136,6 +144,63 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
         _ => return Err(ProxyError::BadV2("unknown command")),
     };
     Ok(Parsed::Header { len, source })
+}
+
+/// A network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`) or a single
+/// address, as `--proxy-trusted` lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// True when `ip` is inside this network. IPv4-mapped IPv6 addresses
+    /// (an IPv4 peer on a dual-stack listener) count as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s.trim(), None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or CIDR network"))?;
+        let net = net.to_canonical();
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { net, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
 }
 
 /// Reads a PROXY header from the start of `stream`. Returns the client's
@@ -343,5 +408,32 @@ mod tests {
     async fn read_header_fails_on_close_inside_the_header() {
         let stream = tokio_test::io::Builder::new().read(b"PROXY TCP4 1.2").build();
         assert_eq!(read_header(stream).await.unwrap_err(), ProxyError::Closed);
+    }
+
+    #[test]
+    fn cidrs_parse_and_match_their_networks() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.1".parse().unwrap()), "v4-mapped");
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(!net.contains("2001:db8::1".parse().unwrap()));
+        let one: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nonsense", "10.0.0.0/x", "::/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_v2_header_is_refused_before_it_is_buffered() {
+        let mut header = V2_SIGNATURE.to_vec();
+        header.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        assert!(matches!(parse(&header), Err(ProxyError::BadV2(_))));
     }
 }

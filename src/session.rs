@@ -63,12 +63,14 @@ pub enum Outcome {
     CheckCredentials(AuthAttempt),
 }
 
-/// An AUTH whose credentials the caller must check. Its `Debug` leaves the
-/// password out.
+/// An AUTH whose credentials the caller must check, not before
+/// `not_before` (the delay that failures against the name have earned, see
+/// [`AuthLimiter`]). Its `Debug` leaves the password out.
 #[derive(Clone, PartialEq)]
 pub struct AuthAttempt {
     pub username: String,
     pub password: String,
+    pub not_before: Instant,
 }
 
 impl std::fmt::Debug for AuthAttempt {
@@ -164,15 +166,23 @@ impl Session {
     ) -> Result<Outcome, SessionError> {
         match (&self.state, frame) {
             (State::AwaitingAuth, Frame::Auth(auth)) => {
-                // Checked before the password, so a guesser learns nothing more.
-                if limiter.is_limited(self.peer_ip, now) {
+                // Charged as the guess is taken, before the password is
+                // checked: guesses on many connections at once all count,
+                // and a limited guesser learns nothing more.
+                if !limiter.try_charge(self.peer_ip, now) {
                     return Err(SessionError::RateLimited);
                 }
-                if credentials.is_slow() {
+                // Capped well inside the auth deadline, so the right password
+                // still gets in while someone guesses at the name.
+                let delay = limiter
+                    .name_delay(&auth.username, now)
+                    .min(self.timing.auth_timeout / 4);
+                if credentials.is_slow() || !delay.is_zero() {
                     self.state = State::CheckingCredentials;
                     return Ok(Outcome::CheckCredentials(AuthAttempt {
                         username: auth.username,
                         password: auth.password,
+                        not_before: now + delay,
                     }));
                 }
                 let valid = credentials.verify(&auth.username, &auth.password);
@@ -242,10 +252,11 @@ impl Session {
         limiter: &AuthLimiter,
     ) -> Result<Outcome, SessionError> {
         if !valid {
-            limiter.record_failure(self.peer_ip, now);
+            limiter.record_name_failure(&username, now);
             self.state = State::AwaitingAuth;
             return Err(SessionError::AuthFailed);
         }
+        limiter.refund(self.peer_ip);
         self.state = State::Ready;
         // From the auth deadline to the heartbeat one, which may be earlier.
         self.deadline = now + self.timing.heartbeat_timeout;
@@ -300,6 +311,11 @@ fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
+/// Largest frame payload read before AUTH succeeds. An AUTH is a user name
+/// and a password: 1 KiB is plenty, and a peer that has not authenticated
+/// cannot make the server buffer more (PROTOCOL.md §7).
+pub const MAX_PRE_AUTH_PAYLOAD: u32 = 0x400;
+
 /// How long past its deadline a timeout must be noticed to be taken for a
 /// stall of the server itself, and how long the peer then gets again (module
 /// docs, "Time").
@@ -330,7 +346,7 @@ mod tests {
         (
             session,
             Credentials::parse("alice:secret").unwrap(),
-            AuthLimiter::new(5),
+            AuthLimiter::new(5, 64),
             now,
         )
     }
@@ -340,6 +356,20 @@ mod tests {
             username: "alice".into(),
             password: password.into(),
         })
+    }
+
+    /// An AUTH with `password` that the session hands back for checking.
+    fn handed_back(
+        s: &mut Session,
+        password: &str,
+        now: Instant,
+        creds: &Credentials,
+        limiter: &AuthLimiter,
+    ) -> AuthAttempt {
+        match s.on_frame(auth(password), now, wall(), creds, limiter) {
+            Ok(Outcome::CheckCredentials(attempt)) => attempt,
+            other => panic!("not handed back: {other:?}"),
+        }
     }
 
     fn decode_ack(bytes: &Bytes) -> Ack {
@@ -433,11 +463,7 @@ mod tests {
         // A wrong password counts against the limiter like a plaintext one.
         for _ in 0..5 {
             let (mut s, ..) = setup();
-            let Ok(Outcome::CheckCredentials(attempt)) =
-                s.on_frame(auth("wrong"), now, wall(), &creds, &limiter)
-            else {
-                panic!("not handed back")
-            };
+            let attempt = handed_back(&mut s, "wrong", now, &creds, &limiter);
             let err = s
                 .on_credentials_checked(attempt, false, now, &limiter)
                 .unwrap_err();
@@ -448,6 +474,55 @@ mod tests {
             .on_frame(auth("s3cret"), now, wall(), &creds, &limiter)
             .unwrap_err();
         assert_eq!(err.code(), ErrorCode::RateLimited);
+    }
+
+    #[test]
+    fn guesses_are_charged_when_taken_not_when_they_fail() {
+        let (_, _, limiter, now) = setup();
+        let hash = crate::auth::hash_password("s3cret").unwrap();
+        let creds = Credentials::parse(&format!("alice:{hash}")).unwrap();
+        // Five AUTHs in flight at once, none finished: the sixth is refused.
+        let mut in_flight = Vec::new();
+        for _ in 0..5 {
+            let (mut s, ..) = setup();
+            let attempt = handed_back(&mut s, "wrong", now, &creds, &limiter);
+            assert_eq!(attempt.not_before, now, "no delay yet");
+            in_flight.push((s, attempt));
+        }
+        let (mut s, ..) = setup();
+        let err = s
+            .on_frame(auth("s3cret"), now, wall(), &creds, &limiter)
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::RateLimited);
+        // A success refunds its guess; a failure does not.
+        let (mut ok, attempt) = in_flight.pop().unwrap();
+        ok.on_credentials_checked(attempt, true, now, &limiter).unwrap();
+        let (mut s, ..) = setup();
+        assert!(s.on_frame(auth("s3cret"), now, wall(), &creds, &limiter).is_ok());
+    }
+
+    #[test]
+    fn failures_against_a_name_delay_its_next_guess_from_any_address() {
+        let (_, creds, limiter, now) = setup();
+        for i in 0..30u8 {
+            let mut s = Session::new(TIMING, IpAddr::from([10, 0, 0, i]), 1, now);
+            let _ = s.on_frame(auth("wrong"), now, wall(), &creds, &limiter);
+        }
+        let mut s = Session::new(TIMING, "192.0.2.1".parse().unwrap(), 1, now);
+        let Ok(Outcome::CheckCredentials(attempt)) =
+            s.on_frame(auth("secret"), now, wall(), &creds, &limiter)
+        else {
+            panic!("a delayed guess is handed back even for plaintext credentials")
+        };
+        assert!(attempt.not_before > now);
+        assert!(
+            attempt.not_before <= now + TIMING.auth_timeout / 4,
+            "the delay stays well inside the auth deadline"
+        );
+        assert!(matches!(
+            s.on_credentials_checked(attempt, true, now, &limiter),
+            Ok(Outcome::Authenticated { .. })
+        ));
     }
 
     #[test]

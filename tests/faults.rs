@@ -117,7 +117,12 @@ fn slowloris_connections_are_ended_by_the_auth_timeout() {
     const CONNECTIONS: usize = 400;
     const AUTH_TIMEOUT: Duration = Duration::from_secs(1);
     const BYTE_EVERY: Duration = Duration::from_millis(100);
-    let flags = with(&BASE_FLAGS, &["--auth-timeout", "1s"]);
+    // All from one address: the per-address pending cap (tested in
+    // tests/attacks.rs) is lifted so that the auth timeout meets all 400.
+    let flags = with(
+        &BASE_FLAGS,
+        &["--auth-timeout", "1s", "--max-pending-auth-per-ip", "0"],
+    );
     scenario("slowloris", &flags, |server, canary| async move {
         let before = proc_stats(server.pid);
         let frame = auth_frame("alice", "secret");
@@ -410,7 +415,9 @@ fn silent_half_open_peers_are_reaped_by_the_heartbeat_timeout() {
 fn garbage_floods_get_the_right_error_codes() {
     const CONNECTIONS: usize = 1_200;
     const IN_FLIGHT: usize = 300;
-    scenario("garbage", &BASE_FLAGS, |server, canary| async move {
+    // 300 at once from one address: the per-address pending cap is lifted.
+    let flags = with(&BASE_FLAGS, &["--max-pending-auth-per-ip", "0"]);
+    scenario("garbage", &flags, |server, canary| async move {
         let before = proc_stats(server.pid);
         let gate = Arc::new(Semaphore::new(IN_FLIGHT));
         let mut tasks = JoinSet::new();
@@ -465,7 +472,7 @@ fn garbage_floods_get_the_right_error_codes() {
     });
 }
 
-const GARBAGE_KINDS: usize = 10;
+const GARBAGE_KINDS: usize = 11;
 
 /// The `i`th garbage payload and the code the server must answer it with.
 fn garbage(i: usize) -> (Vec<u8>, &'static str) {
@@ -500,10 +507,15 @@ fn garbage(i: usize) -> (Vec<u8>, &'static str) {
         }
         7 => (raw_frame(0x01, &[0xFF, 0xFF, 0xFF]), "MALFORMED"),
         8 => (heartbeat_frame(1), "AUTH_REQUIRED"),
-        // 32 KiB of noise after a valid-looking header: BAD_CRC once the
-        // declared 32 KiB payload is in.
+        // Over the 1 KiB limit on frames before AUTH: refused from the header.
+        9 => (
+            vec![0x54, 0x4B, 0x01, 0x01, 0x00, 0x00, 0x04, 0x01],
+            "FRAME_TOO_LARGE",
+        ),
+        // 1 KiB of noise after a valid-looking header: BAD_CRC once the
+        // declared payload (the most allowed before AUTH) is in.
         _ => {
-            let len = 32 * 1024u32;
+            let len = 1024u32;
             let mut bytes = vec![0x54, 0x4B, 0x01, 0x01];
             bytes.extend_from_slice(&len.to_be_bytes());
             bytes.extend((0..len + 4).map(|j| (j as usize * 7 + i) as u8));

@@ -118,6 +118,8 @@ fn instance_of(client: &RawClient, servers: &[&ServerProcess], seen: &mut [Vec<S
 async fn two_instances_behind_haproxy_with_proxy_protocol_v2() {
     let args = [
         "--proxy-protocol",
+        "--proxy-trusted",
+        "127.0.0.1",
         "--log-level",
         "debug",
         "--auth-failures-per-minute",

@@ -187,6 +187,7 @@ fn a_malformed_hash_in_tickstream_users_is_a_config_error() {
 async fn a_proxy_v1_header_supplies_the_address_for_per_ip_limits() {
     let mut cfg = config();
     cfg.proxy_protocol = true;
+    cfg.proxy_trusted = vec!["127.0.0.1".parse().unwrap()];
     cfg.max_connections_per_ip = 1;
     let server = start(cfg).await;
     let header = |ip: &str| format!("PROXY TCP4 {ip} 127.0.0.1 50000 7000\r\n").into_bytes();

@@ -1,10 +1,37 @@
 //! Admission: the accept loop and everything a connection does before it is
-//! authenticated. Connection limits (global and per source address), the
-//! PROXY header, the TLS handshake, and AUTH with its credential check on the
-//! blocking pool. An authenticated connection goes on to [`conn::deliver`]
-//! in the same task.
+//! authenticated, under explicit budgets. An authenticated connection goes
+//! on to [`conn::deliver`] in the same task.
+//!
+//! # Budgets
+//!
+//! - **One deadline** from accept to authenticated (`--auth-timeout`),
+//!   covering the PROXY header, the TLS handshake and AUTH together, so a
+//!   slow connection holds its slots for one timeout, not one per phase.
+//! - **Pending caps.** A connection that is not authenticated yet holds a
+//!   pending slot: at most `--max-pending-auth` in all and
+//!   `--max-pending-auth-per-ip` per source address (IPv6 by
+//!   `--ipv6-prefix`). Over a cap a new connection is refused; the slot is
+//!   released the moment AUTH succeeds. Policy: *reserved share, refuse new
+//!   pending*: unauthenticated connections never hold more than
+//!   `--max-pending-auth` and never more than half of the
+//!   `--max-connections` slots, so the rest is always left to authenticated
+//!   subscribers, and nobody is evicted.
+//! - **PROXY trust.** With `--proxy-protocol`, only peers inside
+//!   `--proxy-trusted` may connect at all; others are closed at once and
+//!   counted (`connections_rejected_total{reason="proxy_untrusted"}`), so a
+//!   client cannot claim an address of its choosing.
+//! - **Hash checks** run on the blocking pool, [`MAX_CONCURRENT_HASH_CHECKS`]
+//!   at once, queued fairly by source address ([`FairQueue`]): a flood from
+//!   some addresses waits behind itself, not in front of everybody. A slot
+//!   stays charged until its argon2 job has really finished, even when the
+//!   connection that asked gave up.
+//! - **Bounded rejects.** Telling a refused connection why takes a task;
+//!   at most [`MAX_REJECTS_IN_FLIGHT`] exist at once, past that refused
+//!   connections are closed without a word.
+//! - **Shutdown** is observed while reading the PROXY header, during the TLS
+//!   handshake, and while AUTH waits for its check.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,21 +42,22 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::conn::{self, Outgoing, CLOSE_GRACE};
+use super::conn::{self, Outgoing};
 use super::Shared;
+use crate::auth::AddrKey;
 use crate::config::Config;
 use crate::connection::{Connection, ReadError};
 use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, Frame, MAX_CLIENT_PAYLOAD};
 use crate::metrics::{self as m};
-use crate::proxy::{self, Prefixed};
-use crate::session::{AuthAttempt, Outcome, Session};
+use crate::proxy::{self, Cidr, Prefixed};
+use crate::session::{AuthAttempt, Outcome, Session, MAX_PRE_AUTH_PAYLOAD};
 use crate::tls;
 
 /// Accepts connections until shutdown, each into its own task on `tracker`.
@@ -41,11 +69,16 @@ pub(super) async fn accept_loop(
     tracker: &TaskTracker,
 ) {
     let gate = Arc::new(Gate {
-        per_ip: Mutex::new(HashMap::new()),
+        per_addr: Mutex::new(HashMap::new()),
         max_per_ip: config.max_connections_per_ip,
-        hash_checks: Semaphore::new(MAX_CONCURRENT_HASH_CHECKS),
+        max_pending_per_ip: config.max_pending_auth_per_ip,
+        ipv6_prefix: config.ipv6_prefix,
+        hash_checks: Arc::new(FairQueue::new(MAX_CONCURRENT_HASH_CHECKS)),
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
+    let pending = Arc::new(Semaphore::new(pending_cap(config)));
+    let rejects = Arc::new(Semaphore::new(MAX_REJECTS_IN_FLIGHT));
+    let trusted: &[Cidr] = &config.proxy_trusted;
     let next_id = AtomicU64::new(0);
     loop {
         let accepted = tokio::select! {
@@ -62,22 +95,46 @@ pub(super) async fn accept_loop(
                 continue;
             }
         };
+        let accepted_at = Instant::now();
         metrics::counter!(m::CONNECTIONS_ACCEPTED_TOTAL).increment(1);
-        let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
         let proxy_protocol = config.proxy_protocol;
+        if proxy_protocol && !trusted.iter().any(|net| net.contains(peer.ip())) {
+            // Not our balancer: whatever it would say about its address is
+            // not believed, and it gets no reply (it does not speak our
+            // protocol's first bytes anyway).
+            metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "proxy_untrusted").increment(1);
+            if shared.noisy_log_allowed() {
+                info!(%peer, "connection from a peer outside --proxy-trusted refused");
+            }
+            continue;
+        }
+        let conn_id = next_id.fetch_add(1, Ordering::Relaxed);
         let admitted = limit
             .clone()
             .try_acquire_owned()
-            .map_err(|_| "server is at --max-connections")
-            .and_then(|permit| match proxy_protocol {
-                // The per-IP count waits for the real address in the header.
-                true => Ok((permit, None)),
-                false => gate.admit_ip(peer.ip()).map(|ip_slot| (permit, ip_slot)),
+            .map_err(|_| Refusal::MaxConnections)
+            .and_then(|total| {
+                let pending = pending
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Refusal::PendingAuth)?;
+                match proxy_protocol {
+                    // Per-address counts wait for the real address in the header.
+                    true => Ok((total, pending, None)),
+                    false => gate.admit(peer.ip()).map(|addr| (total, pending, Some(addr))),
+                }
             });
-        let (permit, ip_slot) = match admitted {
+        let (total, pending, addr) = match admitted {
             Ok(admitted) => admitted,
-            Err(reason) => {
-                tracker.spawn(reject(stream, reason));
+            Err(refusal) => {
+                refusal.count();
+                // Bounded: past MAX_REJECTS_IN_FLIGHT the stream is just closed.
+                if let Ok(permit) = rejects.clone().try_acquire_owned() {
+                    tracker.spawn(async move {
+                        reject(stream, refusal).await;
+                        drop(permit);
+                    });
+                }
                 continue;
             }
         };
@@ -85,26 +142,36 @@ pub(super) async fn accept_loop(
         let shared = shared.clone();
         let gate = gate.clone();
         let tls = tls.map(|tls| tls.current());
+        let deadline = accepted_at + shared.timing.auth_timeout;
         let task = async move {
-            let (stream, peer, ip_slot) = match proxy_protocol {
-                true => match behind_proxy(stream, peer, conn_id, &shared, &gate).await {
+            let _total = total;
+            let (stream, peer, addr) = match addr {
+                Some(addr) => (Prefixed::new(Bytes::new(), stream), peer, addr),
+                None => match behind_proxy(stream, peer, deadline, conn_id, &shared, &gate).await {
                     Some(admitted) => admitted,
                     None => return,
                 },
-                false => (Prefixed::new(Bytes::new(), stream), peer, ip_slot),
             };
-            let _admitted = (permit, ip_slot);
+            let (addr_conn, addr_pending) = addr.split();
+            let _addr_conn = addr_conn;
+            let pending = Pending {
+                _global: pending,
+                _addr: addr_pending,
+            };
+            let start = Start {
+                peer,
+                conn_id,
+                accepted_at,
+                pending,
+            };
             metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1.0);
             match tls {
                 // Boxed: a TLS session's future is twice a plain one's, and an
                 // unboxed branch would make every plain connection's task that big.
                 Some(acceptor) => {
-                    Box::pin(handshake_then_serve(
-                        &acceptor, stream, peer, conn_id, &shared, &gate,
-                    ))
-                    .await
+                    Box::pin(handshake_then_serve(&acceptor, stream, start, &shared, &gate)).await
                 }
-                None => serve(stream, peer, conn_id, &shared, &gate).await,
+                None => serve(stream, start, &shared, &gate).await,
             }
             metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1.0);
         };
@@ -114,47 +181,184 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// Admission state every connection task shares.
-struct Gate {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    max_per_ip: usize,
-    /// Slots for argon2id checks running on the blocking pool.
-    hash_checks: Semaphore,
+/// Connections that may be unauthenticated at once: `--max-pending-auth`,
+/// but never more than half of `--max-connections` (at least 1), so the
+/// other half is always there for authenticated subscribers.
+fn pending_cap(config: &Config) -> usize {
+    config.max_pending_auth.min((config.max_connections / 2).max(1))
 }
 
-impl Gate {
-    /// Counts a connection from `ip` against --max-connections-per-ip.
-    fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Result<Option<IpSlot>, &'static str> {
-        if self.max_per_ip == 0 {
-            return Ok(None);
+/// argon2id checks running at once (each takes ~19 MiB and a core for tens
+/// of milliseconds at the default parameters); more AUTHs wait their turn
+/// in the [`FairQueue`], within their deadline.
+pub const MAX_CONCURRENT_HASH_CHECKS: usize = 4;
+/// Refused connections being told why at once; more are closed silently.
+pub const MAX_REJECTS_IN_FLIGHT: usize = 64;
+/// How long a refused connection gets to take its TOO_MANY_CONNECTIONS.
+const REJECT_GRACE: Duration = Duration::from_millis(250);
+/// Pause after accept fails with EMFILE/ENFILE: the listener stays readable,
+/// so retrying at once would spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why a connection was refused before it could authenticate.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    MaxConnections,
+    PerIp,
+    PendingAuth,
+    PendingAuthPerIp,
+}
+
+impl Refusal {
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "server is at --max-connections",
+            Refusal::PerIp => "too many connections from this address (--max-connections-per-ip)",
+            Refusal::PendingAuth => "too many connections waiting to authenticate (--max-pending-auth)",
+            Refusal::PendingAuthPerIp => {
+                "too many connections from this address waiting to authenticate (--max-pending-auth-per-ip)"
+            }
         }
-        let mut per_ip = self.per_ip.lock();
-        let count = per_ip.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
-            return Err("too many connections from this address (--max-connections-per-ip)");
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::PerIp => "per_ip",
+            Refusal::PendingAuth => "pending_auth",
+            Refusal::PendingAuthPerIp => "pending_auth_per_ip",
         }
-        *count += 1;
-        Ok(Some(IpSlot {
-            gate: self.clone(),
-            ip,
-        }))
+    }
+
+    fn count(self) {
+        metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => self.label()).increment(1);
+        metrics::counter!(m::ERRORS_SENT_TOTAL, "code" => ErrorCode::TooManyConnections.as_str())
+            .increment(1);
     }
 }
 
-/// One connection counted against its source IP; released on drop.
-struct IpSlot {
-    gate: Arc<Gate>,
-    ip: IpAddr,
+/// Tells a refused connection why, then closes it.
+async fn reject<S: AsyncWrite + Unpin>(mut stream: S, refusal: Refusal) {
+    let frame = frame::encode_error(ErrorCode::TooManyConnections, refusal.message());
+    let _ = tokio::time::timeout(REJECT_GRACE, async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut per_ip = self.gate.per_ip.lock();
-        if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                per_ip.remove(&self.ip);
+/// What a connection brings from accept to its first protocol byte.
+struct Start {
+    peer: SocketAddr,
+    conn_id: u64,
+    accepted_at: Instant,
+    pending: Pending,
+}
+
+/// A connection's pending-AUTH slots, global and per address; released when
+/// AUTH succeeds (or the connection ends).
+struct Pending {
+    _global: OwnedSemaphorePermit,
+    _addr: AddrPending,
+}
+
+/// Per-address state every connection task shares.
+struct Gate {
+    per_addr: Mutex<HashMap<AddrKey, AddrCount>>,
+    max_per_ip: usize,
+    max_pending_per_ip: usize,
+    ipv6_prefix: u8,
+    hash_checks: Arc<FairQueue>,
+}
+
+#[derive(Debug, Default)]
+struct AddrCount {
+    connections: usize,
+    pending: usize,
+}
+
+impl Gate {
+    fn key(&self, ip: IpAddr) -> AddrKey {
+        AddrKey::new(ip, self.ipv6_prefix)
+    }
+
+    /// Counts a new connection from `ip`: one connection
+    /// (--max-connections-per-ip) and one pending AUTH
+    /// (--max-pending-auth-per-ip). Without either limit no map is touched.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<AddrSlot, Refusal> {
+        if self.max_per_ip == 0 && self.max_pending_per_ip == 0 {
+            return Ok(AddrSlot(None));
+        }
+        let key = self.key(ip);
+        let mut per_addr = self.per_addr.lock();
+        let count = per_addr.entry(key).or_default();
+        let refusal = if self.max_per_ip != 0 && count.connections >= self.max_per_ip {
+            Some(Refusal::PerIp)
+        } else if self.max_pending_per_ip != 0 && count.pending >= self.max_pending_per_ip {
+            Some(Refusal::PendingAuthPerIp)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            if count.connections == 0 {
+                per_addr.remove(&key);
             }
+            return Err(refusal);
+        }
+        count.connections += 1;
+        count.pending += 1;
+        Ok(AddrSlot(Some((self.clone(), key))))
+    }
+
+    fn release(&self, key: AddrKey, connection: bool, pending: bool) {
+        let mut per_addr = self.per_addr.lock();
+        if let Some(count) = per_addr.get_mut(&key) {
+            count.connections -= usize::from(connection);
+            count.pending -= usize::from(pending);
+            if count.connections == 0 {
+                per_addr.remove(&key);
+            }
+        }
+    }
+}
+
+/// A connection and a pending AUTH counted against one address.
+struct AddrSlot(Option<(Arc<Gate>, AddrKey)>);
+
+impl AddrSlot {
+    /// The two counts, to be released apart.
+    fn split(mut self) -> (AddrConn, AddrPending) {
+        let inner = self.0.take();
+        (AddrConn(inner.clone()), AddrPending(inner))
+    }
+}
+
+impl Drop for AddrSlot {
+    fn drop(&mut self) {
+        if let Some((gate, key)) = self.0.take() {
+            gate.release(key, true, true);
+        }
+    }
+}
+
+/// A connection counted against its address; released on drop.
+struct AddrConn(Option<(Arc<Gate>, AddrKey)>);
+
+impl Drop for AddrConn {
+    fn drop(&mut self) {
+        if let Some((gate, key)) = self.0.take() {
+            gate.release(key, true, false);
+        }
+    }
+}
+
+/// A pending AUTH counted against its address; released on drop.
+struct AddrPending(Option<(Arc<Gate>, AddrKey)>);
+
+impl Drop for AddrPending {
+    fn drop(&mut self) {
+        if let Some((gate, key)) = self.0.take() {
+            gate.release(key, false, true);
         }
     }
 }
@@ -172,17 +376,21 @@ fn tune_socket(stream: &TcpStream, send_buffer: usize) {
     }
 }
 
-/// With --proxy-protocol: reads the header, then counts the client's real
-/// address against --max-connections-per-ip. `None` when the connection was
-/// refused or closed.
+/// With --proxy-protocol (from a trusted balancer): reads the header before
+/// `deadline`, then counts the client's real address. `None` when the
+/// connection was refused, closed, timed out or the server is shutting down.
 async fn behind_proxy(
     stream: TcpStream,
     balancer: SocketAddr,
+    deadline: Instant,
     conn_id: u64,
     shared: &Shared,
     gate: &Arc<Gate>,
-) -> Option<(Prefixed<TcpStream>, SocketAddr, Option<IpSlot>)> {
-    let header = tokio::time::timeout(shared.timing.auth_timeout, proxy::read_header(stream)).await;
+) -> Option<(Prefixed<TcpStream>, SocketAddr, AddrSlot)> {
+    let header = tokio::select! {
+        _ = shared.shutdown.cancelled() => return None,
+        header = tokio::time::timeout_at(deadline, proxy::read_header(stream)) => header,
+    };
     let (source, stream) = match header {
         Ok(Ok(parsed)) => parsed,
         Ok(Err(e)) => {
@@ -199,45 +407,38 @@ async fn behind_proxy(
     };
     // LOCAL / UNKNOWN headers (balancer health checks) keep the socket's address.
     let peer = source.unwrap_or(balancer);
-    match gate.admit_ip(peer.ip()) {
-        Ok(ip_slot) => Some((stream, peer, ip_slot)),
-        Err(reason) => {
-            reject(stream, reason).await;
+    match gate.admit(peer.ip()) {
+        Ok(addr) => Some((stream, peer, addr)),
+        Err(refusal) => {
+            refusal.count();
+            reject(stream, refusal).await;
             None
         }
     }
 }
 
-/// Tells a connection over a limit why, then closes it.
-async fn reject<S: AsyncWrite + Unpin>(mut stream: S, reason: &'static str) {
-    metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => if reason.contains("per-ip") { "per_ip" } else { "max_connections" }).increment(1);
-    metrics::counter!(m::ERRORS_SENT_TOTAL, "code" => ErrorCode::TooManyConnections.as_str()).increment(1);
-    let frame = frame::encode_error(ErrorCode::TooManyConnections, reason);
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        stream.write_all(&frame).await?;
-        stream.shutdown().await
-    })
-    .await;
-}
-
 async fn handshake_then_serve(
     acceptor: &TlsAcceptor,
     stream: Prefixed<TcpStream>,
-    peer: SocketAddr,
-    conn_id: u64,
+    start: Start,
     shared: &Arc<Shared>,
     gate: &Gate,
 ) {
-    // The handshake counts against the auth timeout: a peer that never
+    let (peer, conn_id) = (start.peer, start.conn_id);
+    // The handshake runs on the connection's one deadline: a peer that never
     // finishes it is dropped like one that never sends AUTH.
-    let accepted = tokio::time::timeout(shared.timing.auth_timeout, acceptor.accept(stream)).await;
+    let deadline = start.accepted_at + shared.timing.auth_timeout;
+    let accepted = tokio::select! {
+        _ = shared.shutdown.cancelled() => return,
+        accepted = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => accepted,
+    };
     match accepted {
         Ok(Ok(mut tls_stream)) => {
             tls_stream
                 .get_mut()
                 .1
                 .set_buffer_limit(Some(tls::TLS_BUFFER_LIMIT));
-            serve(tls_stream, peer, conn_id, shared, gate).await;
+            serve(tls_stream, start, shared, gate).await;
         }
         Ok(Err(e)) => {
             metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "tls_handshake").increment(1);
@@ -253,24 +454,46 @@ async fn handshake_then_serve(
 
 /// The connection's life from its first byte of protocol: AUTH, then (once
 /// authenticated) delivery, then the close.
-async fn serve<S>(stream: S, peer: SocketAddr, conn_id: u64, shared: &Arc<Shared>, gate: &Gate)
+async fn serve<S>(stream: S, start: Start, shared: &Arc<Shared>, gate: &Gate)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Start {
+        peer,
+        conn_id,
+        accepted_at,
+        pending,
+    } = start;
     // Fields of the session span (`otel` feature); no-ops without it.
     let span = tracing::Span::current();
     span.record("peer", tracing::field::display(peer));
-    let mut conn: Connection<S, Outgoing> = Connection::new(stream, MAX_CLIENT_PAYLOAD);
+    // Before AUTH a frame is an AUTH at most: a small limit, so a header
+    // announcing 64 KiB cannot make an unauthenticated peer cost more.
+    let mut conn: Connection<S, Outgoing> = Connection::new(stream, MAX_PRE_AUTH_PAYLOAD);
     let session_id = shared.session_salt ^ conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut session = Session::new(shared.timing, peer.ip(), session_id, Instant::now());
+    let mut session = Session::new(shared.timing, peer.ip(), session_id, accepted_at);
     let mut user: Option<String> = None;
     // Each phase's state lives in its own future, gone before the next one
     // starts: the task's future is the largest phase, not their sum.
-    let closing = match authenticate(&mut conn, &mut session, shared, gate, &mut user).await {
+    // Boxed: the AUTH phase's state (timers, the pending slots, the
+    // credential check) is freed once it is over, and never sits in the
+    // future of an idle authenticated connection.
+    let authenticated = Box::pin(authenticate(
+        &mut conn,
+        &mut session,
+        pending,
+        peer,
+        shared,
+        gate,
+        &mut user,
+    ))
+    .await;
+    let closing = match authenticated {
         Ok(()) => {
             let name = user.as_deref().unwrap_or("");
             debug!(conn_id, %peer, user = name, "authenticated");
             span.record("user", name);
+            conn.set_max_payload(MAX_CLIENT_PAYLOAD);
             conn::deliver(&mut conn, &mut session, conn_id, shared).await
         }
         Err(closing) => closing,
@@ -287,12 +510,15 @@ where
 }
 
 /// Reads frames until the session is authenticated (`Ok`, with the AUTH ACK
-/// queued on `conn`) or must end (`Err`: `Some(error)` to send before
-/// closing, `None` when the peer went away). `user` is the name the client
-/// gave, even on a failed AUTH (logged: which name a guesser tries).
+/// queued on `conn` and the `pending` slots released) or must end (`Err`:
+/// `Some(error)` to send before closing, `None` when the peer went away).
+/// `user` is the name the client gave, even on a failed AUTH (logged: which
+/// name a guesser tries).
 async fn authenticate<S>(
     conn: &mut Connection<S, Outgoing>,
     session: &mut Session,
+    pending: Pending,
+    peer: SocketAddr,
     shared: &Arc<Shared>,
     gate: &Gate,
     user: &mut Option<String>,
@@ -330,11 +556,12 @@ where
             &shared.limiter,
         );
         if let Ok(Outcome::CheckCredentials(attempt)) = outcome {
+            let key = gate.key(peer.ip());
             let checked = tokio::select! {
                 biased;
                 _ = &mut cancelled => return Err(Some(SessionError::ServerShutdown)),
                 // Boxed: rare, and as large as the rest of the task.
-                checked = Box::pin(check_credentials(attempt, session.deadline(), shared, gate)) => checked,
+                checked = Box::pin(check_credentials(attempt, key, session.deadline(), shared, gate)) => checked,
             };
             let Some((attempt, valid)) = checked else {
                 return Err(Some(session.timeout_error()));
@@ -343,6 +570,7 @@ where
         }
         return match outcome {
             Ok(Outcome::Authenticated { user: name, ack }) => {
+                drop(pending);
                 *user = Some(name);
                 conn.enqueue(Outgoing::Control(ack));
                 Ok(())
@@ -356,21 +584,28 @@ where
     }
 }
 
-/// Runs a slow (argon2id) credential check on the blocking pool, at most
-/// [`MAX_CONCURRENT_HASH_CHECKS`] at once, so a flood of AUTHs costs bounded
-/// CPU and memory and never stalls the reactor. `None` when `deadline` (the
-/// auth timeout) passes first.
+/// Checks `attempt` once its `not_before` has come: inline when the
+/// credentials are fast, else on the blocking pool through the fair queue.
+/// `None` when `deadline` passes first.
 async fn check_credentials(
     attempt: AuthAttempt,
+    key: AddrKey,
     deadline: Instant,
     shared: &Arc<Shared>,
     gate: &Gate,
 ) -> Option<(AuthAttempt, bool)> {
-    let checker = shared.clone();
     tokio::time::timeout_at(deadline, async move {
-        // The semaphore is never closed, so acquire() does not fail.
-        let _slot = gate.hash_checks.acquire().await.ok()?;
+        tokio::time::sleep_until(attempt.not_before).await;
+        if !shared.credentials.is_slow() {
+            let valid = shared.credentials.verify(&attempt.username, &attempt.password);
+            return Some((attempt, valid));
+        }
+        let slot = gate.hash_checks.acquire(key).await;
+        let checker = shared.clone();
         tokio::task::spawn_blocking(move || {
+            // Held by the job itself: the slot is free only when the hash
+            // is done, even if the connection stopped waiting for it.
+            let _slot = slot;
             let valid = checker.credentials.verify(&attempt.username, &attempt.password);
             (attempt, valid)
         })
@@ -382,9 +617,180 @@ async fn check_credentials(
     .flatten()
 }
 
-/// argon2id checks running at once (each takes ~19 MiB and a core for tens
-/// of milliseconds); more AUTHs wait for a slot within their auth timeout.
-const MAX_CONCURRENT_HASH_CHECKS: usize = 4;
-/// Pause after accept fails with EMFILE/ENFILE: the listener stays readable,
-/// so retrying at once would spin.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// A fixed number of slots handed out fairly by key: each key with waiters
+/// gets one slot in turn (round robin), so one key's backlog never delays
+/// another key by more than one job per waiting key. Waiters are bounded by
+/// the pending-AUTH caps (one per pending connection).
+pub struct FairQueue {
+    slots: usize,
+    state: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    running: usize,
+    /// Waiters by key; a key is here exactly when it is in `turns`.
+    waiting: HashMap<AddrKey, VecDeque<oneshot::Sender<()>>>,
+    turns: VecDeque<AddrKey>,
+}
+
+/// A slot of a [`FairQueue`], given back on drop.
+pub struct QueueSlot(Arc<FairQueue>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        state.running -= 1;
+        self.0.dispatch(&mut state);
+    }
+}
+
+impl FairQueue {
+    pub fn new(slots: usize) -> FairQueue {
+        FairQueue {
+            slots,
+            state: Mutex::new(QueueState::default()),
+        }
+    }
+
+    /// Waits for a slot, taking turns with other keys.
+    pub async fn acquire(self: &Arc<Self>, key: AddrKey) -> QueueSlot {
+        let rx = {
+            let mut state = self.state.lock();
+            if state.running < self.slots && state.turns.is_empty() {
+                state.running += 1;
+                return QueueSlot(self.clone());
+            }
+            let (tx, rx) = oneshot::channel();
+            let state = &mut *state;
+            let queue = state.waiting.entry(key).or_insert_with(|| {
+                state.turns.push_back(key);
+                VecDeque::new()
+            });
+            // Waiters of this key that gave up leave now, not at their turn.
+            queue.retain(|tx| !tx.is_closed());
+            queue.push_back(tx);
+            self.dispatch(state);
+            rx
+        };
+        let mut waiter = Waiter {
+            rx,
+            queue: self.clone(),
+        };
+        // The sender is dropped only after a send: dispatch pops it to send.
+        let _ = (&mut waiter.rx).await;
+        waiter.granted();
+        QueueSlot(self.clone())
+    }
+
+    /// Hands free slots to the next waiters in turn.
+    fn dispatch(&self, state: &mut QueueState) {
+        while state.running < self.slots {
+            let Some(key) = state.turns.pop_front() else {
+                return;
+            };
+            let Some(queue) = state.waiting.get_mut(&key) else {
+                continue;
+            };
+            let next = queue.pop_front();
+            if queue.is_empty() {
+                state.waiting.remove(&key);
+            } else {
+                state.turns.push_back(key);
+            }
+            if let Some(tx) = next {
+                if tx.send(()).is_ok() {
+                    state.running += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A waiter's receiver; if it is dropped after a slot was sent to it but
+/// before it took it, the slot goes back.
+struct Waiter {
+    rx: oneshot::Receiver<()>,
+    queue: Arc<FairQueue>,
+}
+
+impl Waiter {
+    fn granted(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.rx.close();
+        if self.rx.try_recv().is_ok() {
+            drop(QueueSlot(self.queue.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(last: u8) -> AddrKey {
+        AddrKey::new(IpAddr::from([10, 0, 0, last]), 64)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flooding_key_waits_behind_itself_not_in_front_of_others() {
+        let queue = Arc::new(FairQueue::new(1));
+        let first = queue.acquire(key(1)).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // 20 waiters from the flooding key, then one from another key.
+        for (i, k) in (0..20).map(|i| (i, key(1))).chain([(99, key(2))]) {
+            let (queue, order) = (queue.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _slot = queue.acquire(k).await;
+                order.lock().push(i);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }));
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let order = order.lock().clone();
+        let other = order.iter().position(|i| *i == 99).unwrap();
+        assert!(other <= 1, "the other key waited behind {other} jobs: {order:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_gives_its_slot_back() {
+        let queue = Arc::new(FairQueue::new(1));
+        let held = queue.acquire(key(1)).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), queue.acquire(key(2))).await;
+        assert!(gave_up.is_err());
+        drop(held);
+        // The slot is not lost to the waiter that left.
+        let again = tokio::time::timeout(Duration::from_millis(5), queue.acquire(key(3))).await;
+        assert!(again.is_ok(), "slot leaked");
+        assert_eq!(queue.state.lock().running, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_stays_charged_while_its_holder_runs() {
+        let queue = Arc::new(FairQueue::new(1));
+        let slot = queue.acquire(key(1)).await;
+        // The holder moves the slot into a job that outlives the waiter.
+        let job = tokio::spawn(async move {
+            let _slot = slot;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let waited = tokio::time::timeout(Duration::from_millis(500), queue.acquire(key(2))).await;
+        assert!(waited.is_err(), "a second slot was handed out while the job ran");
+        job.await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), queue.acquire(key(2)))
+                .await
+                .is_ok()
+        );
+    }
+}

@@ -33,7 +33,7 @@ use crate::session::{self, Outcome, Session};
 use crate::tick;
 
 /// How long a closing connection may take to flush its ERROR and see EOF.
-pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Bytes of client input read and discarded after a closing ERROR.
 const CLOSE_DRAIN_LIMIT: usize = 64 * 1024;
 /// Refill-and-write rounds per wake before yielding to other tasks.

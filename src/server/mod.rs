@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::auth::{AuthLimiter, Credentials};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::metrics::{self as m, Metrics};
 use crate::proto::Mode;
 use crate::ring::Ring;
@@ -56,14 +56,24 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
 /// Runs the server on `listener` until `shutdown` is cancelled, then tells
 /// every client SERVER_SHUTDOWN and waits (at most [`SHUTDOWN_GRACE`]) for
-/// connections to close.
+/// connections to close. `config` is checked again first
+/// ([`Config::validate`]): the library cannot start an invalid one.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), tls::TlsError> {
+) -> Result<(), ServerError> {
     run_with_reload(config, listener, shutdown, TlsReload::default()).await
 }
 
@@ -86,7 +96,8 @@ pub async fn run_with_reload(
     listener: TcpListener,
     shutdown: CancellationToken,
     reload: TlsReload,
-) -> Result<(), tls::TlsError> {
+) -> Result<(), ServerError> {
+    config.validate()?;
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(tls::ReloadableAcceptor::load(
             &files.cert,
@@ -125,7 +136,7 @@ pub async fn run_with_reload(
             heartbeat_timeout: config.heartbeat_timeout,
         },
         credentials: config.credentials.clone(),
-        limiter: AuthLimiter::new(config.auth_failures_per_minute),
+        limiter: AuthLimiter::new(config.auth_failures_per_minute, config.ipv6_prefix),
         rings,
         metrics,
         latency_sample: config.latency_sample,
