@@ -196,6 +196,43 @@ impl Ring {
         live
     }
 
+    /// Like [`Ring::subscribe_from`], but when the ring no longer holds
+    /// `tick_seq` (or never did: the tick is older than this process), a
+    /// cursor at the oldest batch after it (`resumed == false`), so the
+    /// caller can fill the ticks before that batch from elsewhere.
+    pub fn subscribe_at_or_after(&self, tick_seq: u64) -> Start {
+        let live = self.subscribe_live();
+        if tick_seq >= live.next_tick_seq {
+            return Start {
+                resumed: tick_seq == live.next_tick_seq,
+                ..live
+            };
+        }
+        let head = live.cursor.next;
+        // The first entry whose range ends after `tick_seq`.
+        let (mut lo, mut hi) = (head.saturating_sub(self.capacity()), head);
+        let mut found = live;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let Some(entry) = self.load(mid) else {
+                // Overwritten while we searched: that part is gone.
+                lo = mid + 1;
+                continue;
+            };
+            if entry.next_tick_seq <= tick_seq {
+                lo = mid + 1;
+            } else {
+                found = Start {
+                    cursor: Cursor { next: mid },
+                    next_tick_seq: entry.first_tick_seq,
+                    resumed: entry.first_tick_seq <= tick_seq,
+                };
+                hi = mid;
+            }
+        }
+        found
+    }
+
     /// Reads the entry at `cursor` and advances it.
     pub fn read(&self, cursor: &mut Cursor) -> Read {
         let head = self.published();
@@ -283,6 +320,13 @@ impl Publisher {
     /// The tick sequence the next batch starts at (`DataBatch.first_seq`).
     pub fn next_tick_seq(&self) -> u64 {
         self.next_tick_seq
+    }
+
+    /// Moves the next batch's first tick sequence forward to `tick_seq`
+    /// (never back): the ticks in between were not produced, which readers
+    /// see as a gap between two batches.
+    pub fn skip_to(&mut self, tick_seq: u64) {
+        self.next_tick_seq = self.next_tick_seq.max(tick_seq);
     }
 
     pub fn ring(&self) -> &Arc<Ring> {
@@ -472,6 +516,28 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn resume_at_or_after_starts_at_the_oldest_batch_past_a_skipped_range() {
+        let (ring, mut publisher) = Ring::starting_at(4, 100);
+        publish_n(&mut publisher, 2, 10); // ticks 100..120
+        publisher.skip_to(150);
+        publisher.skip_to(140); // never back
+        publish_n(&mut publisher, 3, 10); // ticks 150..180; ring holds 110..180
+        // Older than the ring: the oldest batch, not resumed.
+        let start = ring.subscribe_at_or_after(5);
+        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (1, 110, false));
+        // Inside the skipped range: the first batch after it.
+        let start = ring.subscribe_at_or_after(130);
+        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (2, 150, false));
+        // Held by a batch, and the live head, as subscribe_from.
+        let start = ring.subscribe_at_or_after(165);
+        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (3, 160, true));
+        let start = ring.subscribe_at_or_after(180);
+        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (5, 180, true));
+        let start = ring.subscribe_at_or_after(200);
+        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (5, 180, false));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::proto::Mode;
 use crate::ring::Ring;
 use crate::session::Timing;
 use crate::telemetry::LogBudget;
-use crate::tick::{self, ProducerConfig};
+use crate::tick::{self, Batcher, ProducerConfig, WallClock};
 use crate::tls;
 
 /// Listen backlog. tokio's default (128) overflowed under reconnect storms
@@ -111,16 +111,19 @@ pub async fn run_with_reload(
         tracker.spawn(reload_tls_on_request(tls, reload, shutdown.clone()));
     }
     let metrics = Metrics::new();
+    let clock = WallClock::from_env();
     let rings = [Mode::Second, Mode::Minute].map(|mode| {
-        let (ring, publisher) = Ring::new(config.ring_capacity);
-        let wake = Arc::new(Notify::new());
         let producer = ProducerConfig {
             mode,
             batch_window: config.batch_window,
             synthetic_rate: config.synthetic_rate,
         };
+        let batcher = Batcher::new(producer, clock.now_ms());
+        let (ring, publisher) = Ring::starting_at(config.ring_capacity, batcher.next_seq());
+        let wake = Arc::new(Notify::new());
         tracker.spawn(tick::run_producer(
-            producer,
+            batcher,
+            clock.clone(),
             publisher,
             wake.clone(),
             shutdown.clone(),
