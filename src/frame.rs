@@ -354,18 +354,27 @@ mod tests {
                     publish_time_us,
                 })),
             (s, s).prop_map(|(code, message)| Frame::Error(ErrorMsg { code, message })),
-            (0..6i32, s, any::<u32>(), any::<u32>(), 0..2i32, any::<u64>()).prop_map(
-                |(acked, session_id, heartbeat_interval_ms, heartbeat_timeout_ms, mode, next_seq)| {
-                    Frame::Ack(Ack {
-                        acked,
-                        session_id,
-                        heartbeat_interval_ms,
-                        heartbeat_timeout_ms,
-                        mode,
-                        next_seq,
-                    })
-                }
-            ),
+            (
+                (0..6i32, s, any::<u32>(), any::<u32>(), 0..2i32, any::<u64>()),
+                (proptest::option::of(s), proptest::option::of(s))
+            )
+                .prop_map(
+                    |(
+                        (acked, session_id, heartbeat_interval_ms, heartbeat_timeout_ms, mode, next_seq),
+                        (instance_id, numbering),
+                    )| {
+                        Frame::Ack(Ack {
+                            acked,
+                            session_id,
+                            heartbeat_interval_ms,
+                            heartbeat_timeout_ms,
+                            mode,
+                            next_seq,
+                            instance_id,
+                            numbering,
+                        })
+                    }
+                ),
             // Any UTF-8, not just ASCII: string fields carry multi-byte text.
             ("\\PC{0,20}", "\\PC{0,20}")
                 .prop_map(|(username, password)| Frame::Auth(Auth { username, password })),

@@ -270,6 +270,7 @@ impl Session {
                 heartbeat_timeout_ms: millis_u32(self.timing.heartbeat_timeout),
                 mode: 0,
                 next_seq: 0,
+                ..Ack::default()
             },
         );
         Ok(Outcome::Authenticated { user: username, ack })
@@ -288,15 +289,21 @@ impl Session {
 
 /// The ACK for a SUBSCRIBE to `mode` whose first batch will start at `next_seq`.
 pub fn subscribe_ack(mode: Mode, next_seq: u64) -> Bytes {
+    subscribe_ack_from(mode, next_seq, None)
+}
+
+/// [`subscribe_ack`] naming the serving instance and the numbering scheme
+/// (`(instance_id, numbering)`, PROTOCOL.md §4.2).
+pub fn subscribe_ack_from(mode: Mode, next_seq: u64, identity: Option<(&str, &str)>) -> Bytes {
     frame::encode(
         FrameType::Ack,
         &Ack {
             acked: MsgType::Subscribe as i32,
-            session_id: String::new(),
-            heartbeat_interval_ms: 0,
-            heartbeat_timeout_ms: 0,
             mode: mode as i32,
             next_seq,
+            instance_id: identity.map(|(id, _)| id.to_owned()),
+            numbering: identity.map(|(_, numbering)| numbering.to_owned()),
+            ..Ack::default()
         },
     )
 }
