@@ -72,6 +72,9 @@ use crate::frame::{self, Frame, FrameType, MAX_BATCH_PAYLOAD};
 use crate::proto::{Ack, Auth, DataBatch, Heartbeat, Mode, MsgType, Subscribe};
 use crate::tls;
 
+mod stream_state;
+pub use stream_state::{Loss, StreamError, StreamState};
+
 /// TLS settings for [`Client::connect`].
 #[derive(Debug, Clone, Default)]
 pub struct TlsClientOptions {
@@ -278,7 +281,13 @@ impl Client {
 
     /// The next sequence number expected for `mode`, once subscribed.
     pub fn expected_seq(&self, mode: Mode) -> Option<u64> {
-        self.modes[mode as usize].expected
+        self.modes[mode as usize].stream.resume_point()
+    }
+
+    /// The instance serving `mode` (the SUBSCRIBE ACK's `instance_id`), when
+    /// the server says.
+    pub fn instance_id(&self, mode: Mode) -> Option<&str> {
+        self.modes[mode as usize].stream.instance_id()
     }
 
     /// Round-trip time measured by the last HEARTBEAT echo.
@@ -315,7 +324,7 @@ impl Client {
     async fn subscribe_current(&mut self, mode: Mode) -> Result<u64, ClientError> {
         let state = &mut self.modes[mode as usize];
         state.awaiting_ack = true;
-        let resume_from_seq = state.expected;
+        let resume_from_seq = state.stream.resume_point();
         self.send(frame::encode(
             FrameType::Subscribe,
             &Subscribe {
@@ -332,7 +341,8 @@ impl Client {
             self.handle_frame(frame)?;
         }
         self.modes[mode as usize]
-            .expected
+            .stream
+            .resume_point()
             .ok_or_else(|| ClientError::Unexpected("SUBSCRIBE ACK without a position".into()))
     }
 
@@ -429,29 +439,14 @@ impl Client {
             return Ok(());
         }
         state.awaiting_ack = false;
-        let got = ack.next_seq;
-        match state.expected {
-            None => state.expected = Some(got),
-            Some(resume) if got == resume => {}
-            Some(resume) if got > resume => {
-                state.expected = Some(got);
-                self.pending.push_back(Event::Gap {
-                    mode,
-                    expected: resume,
-                    got,
-                });
-            }
-            Some(resume) => {
-                // Replay from an older batch, or a restarted server: the first
-                // batch tells which (PROTOCOL.md §6.8).
-                state.expected = Some(got);
-                state.resume_floor = Some(resume);
-            }
-        }
+        let loss = state
+            .stream
+            .on_ack(ack.next_seq, ack.numbering.as_deref(), ack.instance_id.as_deref());
+        self.pending.extend(loss.map(|loss| loss_event(mode, loss)));
         Ok(())
     }
 
-    fn on_batch(&mut self, mut batch: DataBatch) -> Result<(), ClientError> {
+    fn on_batch(&mut self, batch: DataBatch) -> Result<(), ClientError> {
         if batch.schema_version != frame::SCHEMA_VERSION {
             return Err(ClientError::Unexpected(format!(
                 "DATA_BATCH schema_version {}",
@@ -463,38 +458,12 @@ impl Client {
         };
         let mode = Mode::try_from(first.mode)
             .map_err(|_| ClientError::Unexpected(format!("tick of unknown mode {}", first.mode)))?;
-        let state = &mut self.modes[mode as usize];
-        let Some(expected) = state.expected else {
-            return Err(ClientError::Unexpected(format!("{mode:?} batch before its ACK")));
-        };
-        let len = batch.ticks.len() as u64;
-        let end = batch.first_seq + len;
-        if let Some(resume) = state.resume_floor.take() {
-            if batch.first_seq == expected && (batch.first_seq..end).contains(&resume) {
-                // Replay: drop what was already delivered before the break.
-                batch.ticks.drain(..(resume - batch.first_seq) as usize);
-                batch.first_seq = resume;
-            } else {
-                self.pending.push_back(Event::Reset {
-                    mode,
-                    expected: resume,
-                    got: batch.first_seq,
-                });
-            }
-        } else if batch.first_seq > expected {
-            self.pending.push_back(Event::Gap {
-                mode,
-                expected,
-                got: batch.first_seq,
-            });
-        } else if batch.first_seq < expected {
-            return Err(ClientError::Unexpected(format!(
-                "{mode:?} first_seq {} went back from {expected}",
-                batch.first_seq
-            )));
-        }
-        state.expected = Some(end);
-        self.pending.push_back(Event::Batch(batch));
+        let (loss, batch) = self.modes[mode as usize]
+            .stream
+            .on_batch(batch)
+            .map_err(|e| ClientError::Unexpected(format!("{mode:?}: {e}")))?;
+        self.pending.extend(loss.map(|loss| loss_event(mode, loss)));
+        self.pending.extend(batch.map(Event::Batch));
         Ok(())
     }
 
@@ -561,16 +530,19 @@ impl Client {
     }
 }
 
-/// The per-mode sequence state of PROTOCOL.md §6.5 and §6.8.
+/// A mode's subscription: whether to resubscribe, and its stream position.
 #[derive(Debug, Default, Clone)]
 struct ModeState {
     subscribed: bool,
     awaiting_ack: bool,
-    /// The next sequence number to deliver; the resume point after a break.
-    expected: Option<u64>,
-    /// Set between a resume ACK with `next_seq` below the resume point and
-    /// the first batch, which tells a replay from a restart.
-    resume_floor: Option<u64>,
+    stream: StreamState,
+}
+
+fn loss_event(mode: Mode, loss: Loss) -> Event {
+    match loss {
+        Loss::Gap { expected, got } => Event::Gap { mode, expected, got },
+        Loss::Reset { expected, got } => Event::Reset { mode, expected, got },
+    }
 }
 
 /// A TCP or TLS stream behind one type.
