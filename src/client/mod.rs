@@ -26,7 +26,13 @@
 //! exponential backoff. Each mode is resubscribed with `resume_from_seq` set
 //! to the next sequence number not yet delivered (PROTOCOL.md §6.8): replayed
 //! ticks below it are dropped, a `next_seq` above it becomes an exact
-//! [`Event::Gap`], and a stream that restarted becomes [`Event::Reset`].
+//! [`Event::Gap`], and a stream whose numbering started over or changed
+//! becomes [`Event::Reset`]. Those rules live in the sans-IO
+//! [`StreamState`]. Against a fleet with clock numbering (PROTOCOL.md §6.5)
+//! a resume is exact on any instance and across restarts: no resets.
+//!
+//! Give several addresses of one fleet, comma-separated, for failover
+//! without a balancer: `Client::connect_with("a:7000,b:7000", options)`.
 //!
 //! # Example
 //!
@@ -89,6 +95,8 @@ pub struct TlsClientOptions {
 
 /// Reconnect policy: delay `min(initial * 2^attempt, max)`, each scaled by a
 /// random factor in `[0.5, 1.0]` so that many clients do not reconnect in step.
+/// With several server addresses, each attempt goes to the next one in turn,
+/// starting with the one after the server that failed.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     /// Delay before the first retry. Default 100 ms.
@@ -171,7 +179,9 @@ pub struct SessionInfo {
 
 /// A tickstream client. See the [module docs](self).
 pub struct Client {
-    addr: String,
+    /// The servers, tried in turn; `addrs[current]` is the one in use.
+    addrs: Vec<String>,
+    current: usize,
     options: ClientOptions,
     conn: Option<Connection<Box<dyn Stream>>>,
     credentials: Option<(String, String)>,
@@ -198,10 +208,31 @@ impl Client {
     }
 
     /// Connects with `options`. Nothing is sent until [`Client::authenticate`].
+    ///
+    /// `addr` may list several servers of one fleet, comma-separated
+    /// (`"a:7000,b:7000"`): they are tried in order now, and in turn after a
+    /// dropped connection (see [`Backoff`]).
     pub async fn connect_with(addr: &str, options: ClientOptions) -> Result<Client, ClientError> {
-        let conn = open(addr, &options).await?;
-        Ok(Client {
-            addr: addr.to_owned(),
+        let addrs = split_addrs(addr);
+        let mut last = None;
+        for (i, addr) in addrs.iter().enumerate() {
+            match open(addr, &options).await {
+                Ok(conn) => return Ok(Client::with_connection(addrs.clone(), i, options, conn)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Connect(std::io::Error::other("no server address given"))))
+    }
+
+    fn with_connection(
+        addrs: Vec<String>,
+        current: usize,
+        options: ClientOptions,
+        conn: Connection<Box<dyn Stream>>,
+    ) -> Client {
+        Client {
+            addrs,
+            current,
             options,
             conn: Some(conn),
             credentials: None,
@@ -212,7 +243,7 @@ impl Client {
             heartbeat_interval: None,
             last_received: Instant::now(),
             last_rtt: None,
-        })
+        }
     }
 
     /// Sends AUTH and waits for its ACK. An ERROR (for example `AUTH_FAILED`
@@ -519,7 +550,9 @@ impl Client {
     async fn reestablish(&mut self) -> Result<(), ClientError> {
         // Events of the dead connection were already queued; resubscribe
         // events follow them.
-        self.conn = Some(open(&self.addr, &self.options).await?);
+        // The server in use just failed: try the next one first.
+        self.current = (self.current + 1) % self.addrs.len();
+        self.conn = Some(open(&self.addrs[self.current], &self.options).await?);
         self.auth_current().await?;
         for mode in [Mode::Second, Mode::Minute] {
             if self.modes[mode as usize].subscribed {
@@ -609,6 +642,20 @@ async fn connect_one(target: SocketAddr, bind: Option<SocketAddr>) -> std::io::R
     socket.connect(target).await
 }
 
+/// "a:7000, b:7000" -> ["a:7000", "b:7000"]; never empty.
+fn split_addrs(list: &str) -> Vec<String> {
+    let addrs: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if addrs.is_empty() {
+        return vec![list.to_owned()];
+    }
+    addrs
+}
+
 /// "host:port" or "[v6]:port" -> host.
 fn host_part(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
@@ -653,6 +700,12 @@ mod tests {
             assert!(d >= Duration::from_millis(base / 2), "{attempt}: {d:?}");
             assert!(d <= Duration::from_millis(base), "{attempt}: {d:?}");
         }
+    }
+
+    #[test]
+    fn address_lists_split_on_commas() {
+        assert_eq!(split_addrs("a:1, b:2,,[::1]:3"), ["a:1", "b:2", "[::1]:3"]);
+        assert_eq!(split_addrs("a:1"), ["a:1"]);
     }
 
     #[test]

@@ -34,7 +34,8 @@ Exit status:
   5  protocol error (bad frame, unexpected frame or server ERROR)
   6  TLS error")]
 pub struct SubArgs {
-    /// Server address, host:port.
+    /// Server address, host:port; or several servers of one fleet,
+    /// comma-separated (a:7000,b:7000), tried in turn when one fails.
     #[arg(long, env = "TICKSTREAM_ADDR", default_value = "127.0.0.1:7000")]
     pub addr: String,
 
