@@ -123,6 +123,17 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSTREAM_PROXY_TRUSTED", value_delimiter = ',')]
     pub proxy_trusted: Vec<Cidr>,
 
+    /// How far back a resume older than this instance's ring (or start) is
+    /// regenerated from the clock (at most 4096 ticks); older ticks are
+    /// reported to the client as a gap. 0 turns regeneration off.
+    #[arg(long, env = "TICKSTREAM_RESUME_HORIZON", default_value = "1h")]
+    pub resume_horizon: humantime::Duration,
+
+    /// This instance's name in SUBSCRIBE ACKs and logs (at most 64 printable
+    /// ASCII characters); default: a random id made at start.
+    #[arg(long, env = "TICKSTREAM_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG filters override it.
     #[arg(long, env = "TICKSTREAM_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -185,6 +196,15 @@ pub struct Config {
     pub proxy_trusted: Vec<Cidr>,
     pub tls: Option<TlsFiles>,
     pub credentials: Credentials,
+    /// `--resume-horizon`: how far back a resume is regenerated (PROTOCOL.md §6.8).
+    pub resume_horizon: Duration,
+    /// `--instance-id`: this instance's name in SUBSCRIBE ACKs.
+    pub instance_id: String,
+}
+
+/// 16 hex digits, different for each process start.
+fn random_instance_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Bounds on the batch window; below 1ms the tokio timer cannot keep up.
@@ -232,6 +252,8 @@ impl Config {
             proxy_trusted: args.proxy_trusted.clone(),
             tls,
             credentials,
+            resume_horizon: args.resume_horizon.into(),
+            instance_id: args.instance_id.clone().unwrap_or_else(random_instance_id),
         };
         config.validate()?;
         Ok(config)
@@ -302,6 +324,10 @@ impl Config {
         if !self.proxy_protocol && !self.proxy_trusted.is_empty() {
             return invalid("proxy-trusted", "only applies with --proxy-protocol");
         }
+        let id = &self.instance_id;
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return invalid("instance-id", "must be 1 to 64 printable ASCII characters");
+        }
         Ok(())
     }
 
@@ -330,6 +356,8 @@ impl Config {
             proxy_trusted: Vec::new(),
             tls: None,
             credentials: Credentials::parse(users).expect("test credentials parse"),
+            resume_horizon: Duration::from_secs(3600),
+            instance_id: random_instance_id(),
         }
     }
 }

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::frame::{self, FrameType, MAX_BATCH_PAYLOAD, SCHEMA_VERSION};
 use crate::metrics::{BATCHES_PUBLISHED_TOTAL, TICKS_PUBLISHED_TOTAL};
 use crate::proto::{DataBatch, Mode, Tick};
-use crate::ring::{Publisher, Ring};
+use crate::ring::{Publisher, Ring, Start};
 
 /// Worst-case bytes of one tick inside a DataBatch: field tag + length (2),
 /// mode (2), epoch_ms (1 + 10-byte varint).
@@ -438,6 +438,55 @@ pub fn plan_resume(
         next_seq: from,
         regenerate: from..ring_next,
         skip_below: 0,
+    }
+}
+
+/// Where a subscription starts on this instance: the ring cursor, the ACK's
+/// `next_seq`, and what to send before the ring's data.
+#[derive(Debug)]
+pub struct Resumption {
+    pub start: Start,
+    pub next_seq: u64,
+    /// A regenerated batch of the ticks older than the ring (or than this
+    /// instance), sent right after the ACK.
+    pub regenerated: Option<Bytes>,
+    /// Ring batches below this tick are not the client's (see [`ResumePlan`]);
+    /// one that straddles it is sent as [`Numbering::encode`] of its tail.
+    pub skip_below: u64,
+}
+
+/// Starts a subscription on `ring`: live without `resume_from`, else by
+/// [`plan_resume`] (from the ring, regenerated, or waiting for our clock).
+pub fn resume(
+    ring: &Ring,
+    numbering: &Numbering,
+    resume_from: Option<u64>,
+    clock: &WallClock,
+    horizon: Duration,
+) -> Resumption {
+    let Some(resume_from) = resume_from else {
+        let start = ring.subscribe_live();
+        return Resumption {
+            start,
+            next_seq: start.next_tick_seq,
+            regenerated: None,
+            skip_below: 0,
+        };
+    };
+    let start = ring.subscribe_at_or_after(resume_from);
+    let plan = plan_resume(
+        numbering,
+        resume_from,
+        start.next_tick_seq,
+        start.resumed,
+        clock.now_ms(),
+        horizon,
+    );
+    Resumption {
+        start,
+        next_seq: plan.next_seq,
+        regenerated: (!plan.regenerate.is_empty()).then(|| numbering.encode(plan.regenerate, clock.now_us())),
+        skip_below: plan.skip_below,
     }
 }
 

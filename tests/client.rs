@@ -13,6 +13,7 @@ use support::*;
 use tickstream::client::{Backoff, Client, ClientOptions, Event};
 use tickstream::error::{ClientError, ErrorCode};
 use tickstream::proto::{DataBatch, Mode};
+use tickstream::Config;
 
 async fn next(client: &mut Client) -> Event {
     tokio::time::timeout(WAIT, client.next_event())
@@ -166,21 +167,11 @@ async fn a_dropped_connection_resumes_without_loss() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_resume_older_than_the_ring_reports_the_exact_gap() {
-    let mut cfg = config();
-    cfg.synthetic_rate = 2000;
-    cfg.ring_capacity = 4;
-    let server = start(cfg).await;
-    // 200 batches/s against a 4-batch ring: 20 ms of history, while the
-    // first retry waits at least 150 ms.
-    let mut client = Client::connect_with(&server.addr.to_string(), reconnecting(Duration::from_millis(300)))
-        .await
-        .unwrap();
-    client.authenticate("alice", "secret").await.unwrap();
-    let mut expected = client.subscribe(Mode::Second).await.unwrap();
-    for _ in 0..5 {
-        match next(&mut client).await {
+/// Drops the connection of `client` after `batches` batches and returns the
+/// next expected sequence number at the break.
+async fn read_then_drop(client: &mut Client, mut expected: u64, batches: usize) -> u64 {
+    for _ in 0..batches {
+        match next(client).await {
             Event::Batch(batch) => {
                 assert_eq!(batch.first_seq, expected);
                 expected += batch.ticks.len() as u64;
@@ -189,7 +180,51 @@ async fn a_resume_older_than_the_ring_reports_the_exact_gap() {
         }
     }
     client.drop_connection();
-    assert!(matches!(next(&mut client).await, Event::Reconnected { .. }));
+    assert!(matches!(next(client).await, Event::Reconnected { .. }));
+    expected
+}
+
+#[tokio::test]
+async fn a_resume_older_than_the_ring_is_regenerated_exactly() {
+    let mut cfg = config();
+    cfg.synthetic_rate = 2000;
+    cfg.ring_capacity = 4;
+    let server = start(cfg).await;
+    // 200 batches/s against a 4-batch ring: 20 ms of history, while the
+    // first retry waits at least 150 ms: the server regenerates the rest.
+    let mut client = Client::connect_with(&server.addr.to_string(), reconnecting(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    client.authenticate("alice", "secret").await.unwrap();
+    let first = client.subscribe(Mode::Second).await.unwrap();
+    let mut expected = read_then_drop(&mut client, first, 5).await;
+    let mut ticks = 0;
+    while ticks < 2000 {
+        match next(&mut client).await {
+            Event::Batch(batch) => {
+                assert_eq!(batch.first_seq, expected, "no tick lost or repeated");
+                expected += batch.ticks.len() as u64;
+                ticks += batch.ticks.len();
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_beyond_the_horizon_reports_the_exact_gap() {
+    let mut cfg = config();
+    cfg.synthetic_rate = 2000;
+    cfg.ring_capacity = 4;
+    cfg.resume_horizon = Duration::ZERO;
+    let server = start(cfg).await;
+    let mut client = Client::connect_with(&server.addr.to_string(), reconnecting(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    client.authenticate("alice", "secret").await.unwrap();
+    let first = client.subscribe(Mode::Second).await.unwrap();
+    let expected = read_then_drop(&mut client, first, 5).await;
     let got = match next(&mut client).await {
         Event::Gap {
             mode,
@@ -222,52 +257,81 @@ async fn without_reconnect_a_dropped_connection_is_an_error() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_restarted_server_is_reported_as_a_reset_not_a_gap() {
-    let mut cfg = config();
-    cfg.synthetic_rate = 2000;
-    let server = start(cfg.clone()).await;
-    let addr = server.addr;
-    let mut client = Client::connect_with(&addr.to_string(), reconnecting(Duration::from_millis(50)))
-        .await
-        .unwrap();
-    client.authenticate("alice", "secret").await.unwrap();
-    let mut expected = client.subscribe(Mode::Second).await.unwrap();
-    // Half a second of data: the old process is ~1,000 ticks in, and the new
-    // one will be far below that when the client resumes.
+/// Reads `client` until a server restart has been resumed across; returns
+/// the events after the reconnect (batches checked contiguous by the caller).
+async fn across_a_restart(client: &mut Client, restarted_with: Config, old: TestServer) -> (TestServer, Vec<Event>) {
+    let mut expected = client.expected_seq(Mode::Second).unwrap();
     let until = tokio::time::Instant::now() + Duration::from_millis(500);
     while tokio::time::Instant::now() < until {
-        if let Event::Batch(b) = next(&mut client).await {
+        if let Event::Batch(b) = next(client).await {
             expected = b.first_seq + b.ticks.len() as u64;
         }
     }
-    server.stop().await;
-    cfg.listen = addr;
-    let restarted = start(cfg).await;
+    old.stop().await;
+    let restarted = start(restarted_with).await;
+    let mut after = Vec::new();
     let mut saw_reconnect = false;
-    for _ in 0..100 {
-        match next(&mut client).await {
+    while after.len() < 20 {
+        match next(client).await {
             Event::Reconnected { .. } => saw_reconnect = true,
             // Batches already buffered from the old process.
-            Event::Batch(b) if !saw_reconnect => expected = b.first_seq + b.ticks.len() as u64,
-            Event::Reset {
-                mode,
-                expected: from,
-                got,
-            } => {
-                assert!(saw_reconnect);
-                assert_eq!(mode, Mode::Second);
-                assert_eq!(from, expected, "the reset names where the client was");
-                assert!(got < from, "the new process numbers from 0");
-                match next(&mut client).await {
-                    Event::Batch(b) => assert_eq!(b.first_seq, got),
-                    other => panic!("expected the first batch of the new stream, got {other:?}"),
-                }
-                restarted.stop().await;
-                return;
+            Event::Batch(b) if !saw_reconnect => {
+                assert_eq!(b.first_seq, expected);
+                expected = b.first_seq + b.ticks.len() as u64;
             }
-            other => panic!("expected a reset, got {other:?}"),
+            event => after.push(event),
         }
     }
-    panic!("no reset reported");
+    let Some(Event::Batch(first)) = after.first() else {
+        return (restarted, after);
+    };
+    assert_eq!(first.first_seq, expected, "resumed where the old process stopped");
+    (restarted, after)
+}
+
+#[tokio::test]
+async fn a_restarted_server_resumes_exactly_with_clock_numbering() {
+    let mut cfg = config();
+    cfg.synthetic_rate = 2000;
+    let server = start(cfg.clone()).await;
+    let mut client = Client::connect_with(&server.addr.to_string(), reconnecting(Duration::from_millis(50)))
+        .await
+        .unwrap();
+    client.authenticate("alice", "secret").await.unwrap();
+    client.subscribe(Mode::Second).await.unwrap();
+    cfg.listen = server.addr;
+    let (restarted, after) = across_a_restart(&mut client, cfg, server).await;
+    // Every tick of the downtime regenerated, then live: one contiguous stream.
+    let mut expected = None;
+    for event in after {
+        let Event::Batch(b) = event else {
+            panic!("expected only batches after a restart, got {event:?}");
+        };
+        assert!(expected.is_none_or(|e| e == b.first_seq), "contiguous");
+        expected = Some(b.first_seq + b.ticks.len() as u64);
+    }
+    restarted.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_with_another_numbering_is_reported_as_a_reset() {
+    let mut cfg = config();
+    cfg.synthetic_rate = 2000;
+    let server = start(cfg.clone()).await;
+    let mut client = Client::connect_with(&server.addr.to_string(), reconnecting(Duration::from_millis(50)))
+        .await
+        .unwrap();
+    client.authenticate("alice", "secret").await.unwrap();
+    client.subscribe(Mode::Second).await.unwrap();
+    cfg.listen = server.addr;
+    cfg.synthetic_rate = 1000;
+    let (restarted, after) = across_a_restart(&mut client, cfg, server).await;
+    match (&after[0], &after[1]) {
+        (Event::Reset { mode, expected: _, got }, Event::Batch(b)) => {
+            assert_eq!(*mode, Mode::Second);
+            assert_eq!(b.first_seq, *got, "the new stream starts where the reset says");
+        }
+        other => panic!("expected a reset then a batch, got {other:?}"),
+    }
+    restarted.stop().await;
 }

@@ -29,7 +29,7 @@ use crate::frame::{self, Frame};
 use crate::metrics::{self as m};
 use crate::proto::Mode;
 use crate::ring::{AtomicWaker, Cursor, Entry, Read, Registration, Ring};
-use crate::session::{self, Outcome, Session};
+use crate::session::{Outcome, Session};
 use crate::tick;
 
 /// How long a closing connection may take to flush its ERROR and see EOF.
@@ -113,12 +113,15 @@ where
                         mode,
                         resume_from_seq,
                     }) => {
-                        let next_seq = subscribe(&mut subs, mode, resume_from_seq, &waker, shared);
-                        conn.enqueue(Outgoing::Control(session::subscribe_ack(mode, next_seq)));
+                        let (next_seq, regenerated) = subscribe(&mut subs, mode, resume_from_seq, &waker, shared);
+                        conn.enqueue(Outgoing::Control(shared.fleet.ack(mode, next_seq)));
+                        if let Some(batch) = regenerated {
+                            conn.enqueue(Outgoing::Control(batch));
+                        }
                     }
                     Ok(Outcome::AlreadySubscribed { mode }) => {
                         let next_seq = subs[mode as usize].as_ref().map_or(0, |sub| sub.next_tick_seq);
-                        conn.enqueue(Outgoing::Control(session::subscribe_ack(mode, next_seq)));
+                        conn.enqueue(Outgoing::Control(shared.fleet.ack(mode, next_seq)));
                     }
                     Ok(Outcome::Heartbeat { reply }) => conn.enqueue(Outgoing::Control(reply)),
                     Ok(Outcome::Authenticated { .. } | Outcome::CheckCredentials(_)) => {
@@ -195,6 +198,9 @@ struct Subscription {
     cursor: Cursor,
     /// `first_seq` of the next batch this connection will queue.
     next_tick_seq: u64,
+    /// Ring batches below this tick are the client's already (a resume
+    /// ahead of our clock, [`tick::ResumePlan`]); 0 almost always.
+    skip_below: u64,
     mode: Mode,
     _registration: Registration,
 }
@@ -232,29 +238,28 @@ fn record_close(code: ErrorCode, error: &SessionError) {
 }
 
 /// Starts the subscription to `mode` (the session has checked it is new);
-/// returns the ACK's `next_seq`.
+/// returns the ACK's `next_seq` and a regenerated batch to send right after
+/// the ACK (a resume older than the ring, PROTOCOL.md §6.8).
 fn subscribe(
     subs: &mut [Option<Subscription>; 2],
     mode: Mode,
     resume_from_seq: Option<u64>,
     waker: &Arc<AtomicWaker>,
     shared: &Shared,
-) -> u64 {
+) -> (u64, Option<Bytes>) {
     let ring = shared.rings[mode as usize].clone();
-    let start = match resume_from_seq {
-        Some(seq) => ring.subscribe_from(seq),
-        None => ring.subscribe_live(),
-    };
+    let start = shared.fleet.start(&ring, mode, resume_from_seq);
     metrics::gauge!(m::SUBSCRIBERS, "mode" => tick::mode_label(mode)).increment(1.0);
     let registration = ring.register(waker.clone());
     subs[mode as usize] = Some(Subscription {
         ring,
-        cursor: start.cursor,
-        next_tick_seq: start.next_tick_seq,
+        cursor: start.start.cursor,
+        next_tick_seq: start.next_seq,
+        skip_below: start.skip_below,
         mode,
         _registration: registration,
     });
-    start.next_tick_seq
+    (start.next_seq, start.regenerated)
 }
 
 /// Moves data from the cursors to the socket until the socket is full or
@@ -291,6 +296,13 @@ where
         for sub in subs.iter_mut().flatten() {
             while conn.queued() < MAX_IOVECS {
                 match sub.ring.read(&mut sub.cursor) {
+                    Read::Entry(entry) if entry.first_tick_seq < sub.skip_below => {
+                        if entry.next_tick_seq > sub.skip_below {
+                            let tail = sub.skip_below..entry.next_tick_seq;
+                            sub.next_tick_seq = entry.next_tick_seq;
+                            conn.enqueue(Outgoing::Control(shared.fleet.regenerate(sub.mode, tail)));
+                        }
+                    }
                     Read::Entry(entry) => {
                         sub.next_tick_seq = entry.next_tick_seq;
                         conn.enqueue(Outgoing::Data(entry));

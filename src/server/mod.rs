@@ -11,6 +11,7 @@
 
 mod admission;
 mod conn;
+mod fleet;
 
 use std::io;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use crate::ring::Ring;
 use crate::session::Timing;
 use crate::telemetry::LogBudget;
 use crate::tick::{self, Batcher, ProducerConfig, WallClock};
+use fleet::Fleet;
 use crate::tls;
 
 /// Listen backlog. tokio's default (128) overflowed under reconnect storms
@@ -112,6 +114,7 @@ pub async fn run_with_reload(
     }
     let metrics = Metrics::new();
     let clock = WallClock::from_env();
+    let fleet = Fleet::new(&config, clock.clone());
     let rings = [Mode::Second, Mode::Minute].map(|mode| {
         let producer = ProducerConfig {
             mode,
@@ -141,6 +144,7 @@ pub async fn run_with_reload(
         credentials: config.credentials.clone(),
         limiter: AuthLimiter::new(config.auth_failures_per_minute, config.ipv6_prefix),
         rings,
+        fleet,
         metrics,
         latency_sample: config.latency_sample,
         shutdown: shutdown.clone(),
@@ -148,7 +152,7 @@ pub async fn run_with_reload(
         close_log: LogBudget::new(),
     });
     match listener.local_addr() {
-        Ok(addr) => info!(listen = %addr, tls = tls.is_some(), "serving"),
+        Ok(addr) => info!(listen = %addr, tls = tls.is_some(), instance_id = %config.instance_id, "serving"),
         Err(e) => warn!(cause = %e, "serving on an address that cannot be read back"),
     }
 
@@ -175,6 +179,7 @@ struct Shared {
     credentials: Credentials,
     limiter: AuthLimiter,
     rings: [Arc<Ring>; 2],
+    fleet: Fleet,
     metrics: Metrics,
     latency_sample: u64,
     shutdown: CancellationToken,

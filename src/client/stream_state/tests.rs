@@ -169,7 +169,7 @@ proptest! {
         let mut seen = Vec::new();
         let mut sent = BTreeSet::new();
         let mut first = None;
-        let mut deliver = |state: &mut StreamState, b: DataBatch, seen: &mut Vec<Seen>, sent: &mut BTreeSet<u64>| {
+        let deliver = |state: &mut StreamState, b: DataBatch, seen: &mut Vec<Seen>, sent: &mut BTreeSet<u64>| {
             let arrived = b.first_seq..b.first_seq + b.ticks.len() as u64;
             let (loss, rest) = state.on_batch(b).expect("a batch of the stream");
             match loss {
