@@ -115,12 +115,12 @@ async fn a_burst_of_10k_ticks_per_second_arrives_without_loss() {
     while start.elapsed() < Duration::from_secs(3) {
         let batch = client.recv().await.batch();
         assert_eq!(batch.first_seq, next, "gap after {ticks} ticks");
-        // One batch holds the ticks of one window (k*5ms, (k+1)*5ms].
-        let window = |ms: i64| (ms + 4) / 5;
-        let first_window = window(batch.ticks[0].epoch_ms);
+        // One batch holds the ticks of one window (k*5ms, (k+1)*5ms], or of
+        // every window due when the producer ran late: never a tick from
+        // after the batch was made.
         assert!(
-            batch.ticks.iter().all(|t| window(t.epoch_ms) == first_window),
-            "batch spans windows"
+            batch.ticks.iter().all(|t| t.epoch_ms <= batch.publish_time_us / 1000),
+            "batch holds a tick from the future"
         );
         for tick in &batch.ticks {
             assert!(tick.epoch_ms >= last_ms, "ticks in time order");
