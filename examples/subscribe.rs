@@ -44,7 +44,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Event::Reset { mode, expected, got } => {
                 println!("server restarted: {mode:?} was at {expected}, now {got}")
             }
-            Event::Reconnected { attempts } => println!("reconnected after {attempts} attempt(s)"),
+            Event::Reconnected { attempts, .. } => println!("reconnected after {attempts} attempt(s)"),
         }
     }
     Ok(())

@@ -525,19 +525,34 @@ mod tests {
         publisher.skip_to(150);
         publisher.skip_to(140); // never back
         publish_n(&mut publisher, 3, 10); // ticks 150..180; ring holds 110..180
-        // Older than the ring: the oldest batch, not resumed.
+                                          // Older than the ring: the oldest batch, not resumed.
         let start = ring.subscribe_at_or_after(5);
-        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (1, 110, false));
+        assert_eq!(
+            (start.cursor.position(), start.next_tick_seq, start.resumed),
+            (1, 110, false)
+        );
         // Inside the skipped range: the first batch after it.
         let start = ring.subscribe_at_or_after(130);
-        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (2, 150, false));
+        assert_eq!(
+            (start.cursor.position(), start.next_tick_seq, start.resumed),
+            (2, 150, false)
+        );
         // Held by a batch, and the live head, as subscribe_from.
         let start = ring.subscribe_at_or_after(165);
-        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (3, 160, true));
+        assert_eq!(
+            (start.cursor.position(), start.next_tick_seq, start.resumed),
+            (3, 160, true)
+        );
         let start = ring.subscribe_at_or_after(180);
-        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (5, 180, true));
+        assert_eq!(
+            (start.cursor.position(), start.next_tick_seq, start.resumed),
+            (5, 180, true)
+        );
         let start = ring.subscribe_at_or_after(200);
-        assert_eq!((start.cursor.position(), start.next_tick_seq, start.resumed), (5, 180, false));
+        assert_eq!(
+            (start.cursor.position(), start.next_tick_seq, start.resumed),
+            (5, 180, false)
+        );
     }
 
     #[test]

@@ -182,7 +182,10 @@ pub struct WallClock {
 enum Source {
     System,
     /// `base_ms` at `origin`, advancing with tokio's clock (paused in tests).
-    Tokio { base_ms: i64, origin: tokio::time::Instant },
+    Tokio {
+        base_ms: i64,
+        origin: tokio::time::Instant,
+    },
 }
 
 impl WallClock {
@@ -340,7 +343,10 @@ impl Batcher {
         let synthetic = config.synthetic_rate > 0;
         let (step, catch_up) = match synthetic {
             true => (config.batch_window, MAX_SYNTHETIC_CATCH_UP),
-            false => (Duration::from_millis(period_ms(config.mode) as u64), MAX_CLOCK_CATCH_UP),
+            false => (
+                Duration::from_millis(period_ms(config.mode) as u64),
+                MAX_CLOCK_CATCH_UP,
+            ),
         };
         Batcher {
             numbering: config.numbering(),

@@ -155,7 +155,7 @@ async fn a_dropped_connection_resumes_without_loss() {
                     batches_after += 1;
                 }
             }
-            Event::Reconnected { attempts } => {
+            Event::Reconnected { attempts, .. } => {
                 assert_eq!(attempts, 1);
                 reconnects += 1;
             }
@@ -259,7 +259,11 @@ async fn without_reconnect_a_dropped_connection_is_an_error() {
 
 /// Reads `client` until a server restart has been resumed across; returns
 /// the events after the reconnect (batches checked contiguous by the caller).
-async fn across_a_restart(client: &mut Client, restarted_with: Config, old: TestServer) -> (TestServer, Vec<Event>) {
+async fn across_a_restart(
+    client: &mut Client,
+    restarted_with: Config,
+    old: TestServer,
+) -> (TestServer, Vec<Event>) {
     let mut expected = client.expected_seq(Mode::Second).unwrap();
     let until = tokio::time::Instant::now() + Duration::from_millis(500);
     while tokio::time::Instant::now() < until {
@@ -327,7 +331,14 @@ async fn a_server_with_another_numbering_is_reported_as_a_reset() {
     cfg.synthetic_rate = 1000;
     let (restarted, after) = across_a_restart(&mut client, cfg, server).await;
     match (&after[0], &after[1]) {
-        (Event::Reset { mode, expected: _, got }, Event::Batch(b)) => {
+        (
+            Event::Reset {
+                mode,
+                expected: _,
+                got,
+            },
+            Event::Batch(b),
+        ) => {
             assert_eq!(*mode, Mode::Second);
             assert_eq!(b.first_seq, *got, "the new stream starts where the reset says");
         }

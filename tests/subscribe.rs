@@ -119,7 +119,10 @@ async fn a_burst_of_10k_ticks_per_second_arrives_without_loss() {
         // every window due when the producer ran late: never a tick from
         // after the batch was made.
         assert!(
-            batch.ticks.iter().all(|t| t.epoch_ms <= batch.publish_time_us / 1000),
+            batch
+                .ticks
+                .iter()
+                .all(|t| t.epoch_ms <= batch.publish_time_us / 1000),
             "batch holds a tick from the future"
         );
         for tick in &batch.ticks {

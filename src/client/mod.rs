@@ -166,7 +166,11 @@ pub enum Event {
     /// restarted): the client expected `expected`, live data starts at `got`.
     Reset { mode: Mode, expected: u64, got: u64 },
     /// A new connection replaced a dropped one after `attempts` tries.
-    Reconnected { attempts: u32 },
+    Reconnected {
+        attempts: u32,
+        /// From noticing the dropped connection to the new one subscribed.
+        outage: Duration,
+    },
 }
 
 /// The AUTH ACK's session parameters.
@@ -525,6 +529,7 @@ impl Client {
     /// resubscriptions produce after [`Event::Reconnected`].
     async fn reconnect(&mut self, first_error: ClientError) -> Result<(), ClientError> {
         let backoff = self.options.reconnect.clone().unwrap_or_default();
+        let noticed = Instant::now();
         let mut last = first_error;
         for attempt in 0..backoff.max_attempts {
             self.conn = None;
@@ -533,6 +538,7 @@ impl Client {
                 Ok(()) => {
                     self.pending.push_front(Event::Reconnected {
                         attempts: attempt + 1,
+                        outage: noticed.elapsed(),
                     });
                     return Ok(());
                 }

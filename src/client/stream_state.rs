@@ -72,7 +72,12 @@ impl StreamState {
     }
 
     /// A SUBSCRIBE ACK (not a repeated one for a subscription in place).
-    pub fn on_ack(&mut self, next_seq: u64, numbering: Option<&str>, instance_id: Option<&str>) -> Option<Loss> {
+    pub fn on_ack(
+        &mut self,
+        next_seq: u64,
+        numbering: Option<&str>,
+        instance_id: Option<&str>,
+    ) -> Option<Loss> {
         self.instance_id = instance_id.map(str::to_owned);
         self.resume_floor = None;
         let same_numbering = self.numbering.as_deref() == numbering;
@@ -108,7 +113,10 @@ impl StreamState {
     /// A DATA_BATCH of this mode: returns the loss it reveals and what is
     /// left of the batch to deliver (`None` when all of it was delivered
     /// before).
-    pub fn on_batch(&mut self, mut batch: DataBatch) -> Result<(Option<Loss>, Option<DataBatch>), StreamError> {
+    pub fn on_batch(
+        &mut self,
+        mut batch: DataBatch,
+    ) -> Result<(Option<Loss>, Option<DataBatch>), StreamError> {
         let expected = self.expected.ok_or(StreamError::BatchBeforeAck)?;
         let len = batch.ticks.len() as u64;
         let end = batch.first_seq + len;

@@ -1,6 +1,6 @@
 use bytes::BytesMut;
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 
 use super::*;
 use crate::frame::Frame;
@@ -50,7 +50,13 @@ fn clock_only_flushes_exactly_at_boundaries() {
     assert_eq!(m.next_flush_ms(), 1_020_000);
     let seqs = m.flush(1_020_000);
     assert_eq!(seqs, 17..18);
-    assert_eq!(m.numbering.tick(17), Tick { mode: 1, epoch_ms: 1_020_000 });
+    assert_eq!(
+        m.numbering.tick(17),
+        Tick {
+            mode: 1,
+            epoch_ms: 1_020_000
+        }
+    );
 }
 
 #[test]
@@ -61,7 +67,10 @@ fn synthetic_ticks_fill_windows_and_keep_the_boundary() {
     // 1_000_000 and 1_001_000.
     assert_eq!(all.len(), 1012);
     assert!(all.windows(2).all(|w| w[0].0 <= w[1].0 && w[1].1 == w[0].1 + 1));
-    let clock: Vec<_> = all.iter().filter(|(_, seq)| b.numbering.is_clock_tick(*seq)).collect();
+    let clock: Vec<_> = all
+        .iter()
+        .filter(|(_, seq)| b.numbering.is_clock_tick(*seq))
+        .collect();
     assert_eq!(clock, [&(1_000_000, 1000 * 1001), &(1_001_000, 1001 * 1001)]);
 }
 
@@ -117,7 +126,14 @@ const HOUR: Duration = Duration::from_secs(3600);
 fn a_resume_inside_the_ring_is_served_from_it() {
     let n = Numbering::new(Mode::Second, 0);
     let plan = plan_resume(&n, 1_000, 995, true, 1_002_000, HOUR);
-    assert_eq!(plan, ResumePlan { next_seq: 995, regenerate: 995..995, skip_below: 0 });
+    assert_eq!(
+        plan,
+        ResumePlan {
+            next_seq: 995,
+            regenerate: 995..995,
+            skip_below: 0
+        }
+    );
 }
 
 #[test]
@@ -125,7 +141,14 @@ fn a_resume_before_the_ring_or_start_is_regenerated() {
     let n = Numbering::new(Mode::Second, 0);
     // This instance started at 1_000_500 ms: its first tick is 1_001.
     let plan = plan_resume(&n, 990, 1_001, false, 1_001_200, HOUR);
-    assert_eq!(plan, ResumePlan { next_seq: 990, regenerate: 990..1_001, skip_below: 0 });
+    assert_eq!(
+        plan,
+        ResumePlan {
+            next_seq: 990,
+            regenerate: 990..1_001,
+            skip_below: 0
+        }
+    );
 }
 
 #[test]
@@ -136,7 +159,14 @@ fn a_resume_beyond_the_horizon_is_a_gap_then_regenerated() {
     assert_eq!(plan.next_seq, 992);
     assert_eq!(plan.regenerate, 992..1_001);
     // And never more than MAX_REGENERATED_TICKS.
-    let plan = plan_resume(&n, 0, 1_000_000, false, 1_000_000_000, Duration::from_secs(86_400 * 365));
+    let plan = plan_resume(
+        &n,
+        0,
+        1_000_000,
+        false,
+        1_000_000_000,
+        Duration::from_secs(86_400 * 365),
+    );
     assert_eq!(plan.regenerate, 1_000_000 - MAX_REGENERATED_TICKS..1_000_000);
 }
 
@@ -146,7 +176,14 @@ fn a_resume_slightly_ahead_of_the_clock_waits_for_it() {
     // Another instance, 50 ms ahead, published tick 1_001 at 1_001_000; our
     // clock reads 1_000_960 and our next tick is 1_001.
     let plan = plan_resume(&n, 1_002, 1_001, false, 1_000_960, HOUR);
-    assert_eq!(plan, ResumePlan { next_seq: 1_002, regenerate: 1_002..1_002, skip_below: 1_002 });
+    assert_eq!(
+        plan,
+        ResumePlan {
+            next_seq: 1_002,
+            regenerate: 1_002..1_002,
+            skip_below: 1_002
+        }
+    );
     // Numbers from a clock a minute ahead are not waited for.
     let plan = plan_resume(&n, 1_062, 1_001, false, 1_000_960, HOUR);
     assert_eq!(plan.next_seq, 1_001);
@@ -259,13 +296,19 @@ async fn a_clock_step_forward_publishes_the_skipped_boundaries_or_an_exact_gap()
     let mut cursor = ring.subscribe_live().cursor;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert_eq!(drain(&ring, &mut cursor).len(), 1); // tick 1_000_001
-    // 10 s forward: the ten boundaries skipped come in one batch.
+                                                    // 10 s forward: the ten boundaries skipped come in one batch.
     clock.step(10_000);
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let batches = drain(&ring, &mut cursor);
     assert_eq!(batches[0].first_seq, 1_000_002);
-    let ticks: Vec<i64> = batches.iter().flat_map(|b| b.ticks.iter().map(|t| t.epoch_ms)).collect();
-    assert_eq!(ticks, (1_000_002..=1_000_012).map(|s| s * 1000).collect::<Vec<_>>());
+    let ticks: Vec<i64> = batches
+        .iter()
+        .flat_map(|b| b.ticks.iter().map(|t| t.epoch_ms))
+        .collect();
+    assert_eq!(
+        ticks,
+        (1_000_002..=1_000_012).map(|s| s * 1000).collect::<Vec<_>>()
+    );
     // 2 h forward: the last hour is published, the hour before it is a gap
     // the numbers show exactly.
     clock.step(7_200_000);
@@ -275,7 +318,10 @@ async fn a_clock_step_forward_publishes_the_skipped_boundaries_or_an_exact_gap()
     assert_eq!(batches[0].first_seq, last - 3_600 + 1);
     let count: usize = batches.iter().map(|b| b.ticks.len()).sum();
     assert_eq!(count, 3_600);
-    assert_eq!(batches.last().unwrap().ticks.last().unwrap().epoch_ms, last as i64 * 1000);
+    assert_eq!(
+        batches.last().unwrap().ticks.last().unwrap().epoch_ms,
+        last as i64 * 1000
+    );
     cancel.cancel();
 }
 

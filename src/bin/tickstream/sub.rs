@@ -176,7 +176,7 @@ fn print_event(out: &mut impl Write, format: Format, event: &Event, limit: u64) 
             }
             Ok(0)
         }
-        Event::Reconnected { attempts } => {
+        Event::Reconnected { attempts, .. } => {
             eprintln!("tickstream sub: reconnected after {attempts} attempt(s)");
             Ok(0)
         }

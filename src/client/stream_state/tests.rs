@@ -33,9 +33,21 @@ fn clock_numbered_duplicates_are_dropped_and_gaps_are_exact() {
     let (loss, rest) = s.on_batch(batch(101, 3)).unwrap();
     assert_eq!((loss, rest.unwrap().first_seq), (None, 102));
     // A resume the server cannot fully serve.
-    assert_eq!(s.on_ack(110, Some("clock"), Some("c")), Some(Loss::Gap { expected: 104, got: 110 }));
+    assert_eq!(
+        s.on_ack(110, Some("clock"), Some("c")),
+        Some(Loss::Gap {
+            expected: 104,
+            got: 110
+        })
+    );
     let (loss, _) = s.on_batch(batch(112, 1)).unwrap();
-    assert_eq!(loss, Some(Loss::Gap { expected: 110, got: 112 }));
+    assert_eq!(
+        loss,
+        Some(Loss::Gap {
+            expected: 110,
+            got: 112
+        })
+    );
 }
 
 #[test]
@@ -44,11 +56,17 @@ fn a_change_of_numbering_is_a_reset() {
     s.on_ack(1_700_000_000, Some("clock"), None);
     assert_eq!(
         s.on_ack(5, None, None),
-        Some(Loss::Reset { expected: 1_700_000_000, got: 5 })
+        Some(Loss::Reset {
+            expected: 1_700_000_000,
+            got: 5
+        })
     );
     assert_eq!(
         s.on_ack(9_000, Some("clock+synthetic/10"), None),
-        Some(Loss::Reset { expected: 5, got: 9_000 })
+        Some(Loss::Reset {
+            expected: 5,
+            got: 9_000
+        })
     );
 }
 
@@ -65,7 +83,10 @@ fn process_numbered_replay_and_restart_keep_the_old_rules() {
     assert_eq!(s.on_ack(3, None, None), None);
     let (loss, _) = s.on_batch(batch(3, 1)).unwrap();
     assert_eq!(loss, Some(Loss::Reset { expected: 12, got: 3 }));
-    assert_eq!(s.on_batch(batch(2, 1)), Err(StreamError::WentBack { expected: 4, got: 2 }));
+    assert_eq!(
+        s.on_batch(batch(2, 1)),
+        Err(StreamError::WentBack { expected: 4, got: 2 })
+    );
 }
 
 /// One instance of the modelled fleet: it produces the ticks timed in
