@@ -113,7 +113,8 @@ where
                         mode,
                         resume_from_seq,
                     }) => {
-                        let (next_seq, regenerated) = subscribe(&mut subs, mode, resume_from_seq, &waker, shared);
+                        let (next_seq, regenerated) =
+                            subscribe(&mut subs, mode, resume_from_seq, &waker, shared);
                         conn.enqueue(Outgoing::Control(shared.fleet.ack(mode, next_seq)));
                         if let Some(batch) = regenerated {
                             conn.enqueue(Outgoing::Control(batch));

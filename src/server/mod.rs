@@ -32,8 +32,8 @@ use crate::ring::Ring;
 use crate::session::Timing;
 use crate::telemetry::LogBudget;
 use crate::tick::{self, Batcher, ProducerConfig, WallClock};
-use fleet::Fleet;
 use crate::tls;
+use fleet::Fleet;
 
 /// Listen backlog. tokio's default (128) overflowed under reconnect storms
 /// here and cost clients 1 s SYN retransmits.
