@@ -28,8 +28,9 @@
 //! (no tick twice, no number reused). After a step forward (or a stall of
 //! the process) it publishes everything it missed in one flush, at most
 //! [`MAX_CLOCK_CATCH_UP`] of clock ticks, or [`MAX_SYNTHETIC_CATCH_UP`] with
-//! synthetic load; older ticks are skipped, and since numbers come from the
-//! clock, subscribers see them as an exact gap.
+//! synthetic load, and never more than [`MAX_CATCH_UP_TICKS`]; older ticks
+//! are skipped, and since numbers come from the clock, subscribers see them
+//! as an exact gap.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -55,8 +56,13 @@ pub const MAX_TICKS_PER_BATCH: usize = (MAX_BATCH_PAYLOAD as usize - MAX_BATCH_O
 /// With synthetic load, a producer that fell this far behind (a stalled
 /// process, a clock step forward) publishes only this much of the backlog, in
 /// one flush, instead of bursting it out window by window (which would lap a
-/// small ring and cost every subscriber a SLOW_CONSUMER).
-pub const MAX_SYNTHETIC_CATCH_UP: Duration = Duration::from_secs(2);
+/// small ring and cost every subscriber a SLOW_CONSUMER). A stall shorter
+/// than this (a GC-like pause, a short SIGSTOP) loses nothing.
+pub const MAX_SYNTHETIC_CATCH_UP: Duration = Duration::from_secs(5);
+/// Most ticks one catch-up publishes whatever the time bounds say (8 full
+/// batches, ~8 MiB): at high synthetic rates the time bound alone would be
+/// gigabytes.
+pub const MAX_CATCH_UP_TICKS: u64 = 8 * MAX_TICKS_PER_BATCH as u64;
 /// Without synthetic load, how far back a late flush still publishes the
 /// missed clock boundaries (3600 SECOND ticks, one batch of ~36 KB); older
 /// boundaries become a reported gap.
@@ -383,7 +389,9 @@ impl Batcher {
         }
         let from_ms = self.flushed_to_ms.max(until_ms - self.catch_up_ms);
         self.flushed_to_ms = until_ms;
-        self.numbering.first_seq_after(from_ms)..self.numbering.first_seq_after(until_ms)
+        let end = self.numbering.first_seq_after(until_ms);
+        let start = self.numbering.first_seq_after(from_ms);
+        start.max(end.saturating_sub(MAX_CATCH_UP_TICKS))..end
     }
 }
 

@@ -390,9 +390,9 @@ async fn a_stopped_server_catches_up_without_lapping_its_subscribers() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    // 1001 ticks a second; at most 2 s of the 10 s backlog is published.
+    // 1001 ticks a second; at most 5 s of the 10 s backlog is published.
     assert!(
-        lost == 0 || (6_000..10_010).contains(&lost),
+        lost == 0 || (3_000..10_010).contains(&lost),
         "gap of {lost} ticks"
     );
     println!("after a 10 s SIGSTOP: {lost} ticks reported lost, then {after} ticks in order");

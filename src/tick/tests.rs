@@ -85,12 +85,16 @@ fn a_stalled_synthetic_producer_catches_up_at_most_the_bound() {
     let mut b = Batcher::new(config(Mode::Second, 1000), 100_000);
     let seqs = b.flush(110_000);
     let n = b.numbering;
-    // Only the last 2 s: 2000 synthetic + 2 clock ticks, in one run.
-    assert_eq!(seqs.end - seqs.start, 2002);
-    assert_eq!(n.epoch_ms(seqs.start), 108_001);
+    // Only the last 5 s: 5000 synthetic + 5 clock ticks, in one run.
+    assert_eq!(seqs.end - seqs.start, 5005);
+    assert_eq!(n.epoch_ms(seqs.start), 105_001);
     assert_eq!(n.epoch_ms(seqs.end - 1), 110_000);
     // The next flush carries on from there.
     assert_eq!(b.flush(b.next_flush_ms()).start, seqs.end);
+    // At a high rate the tick bound is the tighter one.
+    let mut fast = Batcher::new(config(Mode::Second, 10_000_000), 100_000);
+    let seqs = fast.flush(101_000);
+    assert_eq!(seqs.end - seqs.start, MAX_CATCH_UP_TICKS);
 }
 
 #[test]
@@ -340,9 +344,9 @@ async fn a_stalled_synthetic_producer_publishes_its_catch_up_in_a_few_batches() 
     let batches = drain(&ring, &mut cursor);
     assert_eq!(batches.len(), 1, "one batch after the stall");
     let count = batches[0].ticks.len() as u64;
-    assert!((2000..=2010).contains(&count), "{count} ticks of catch-up");
-    // The ~8 s not published (1001 ticks a second) are an exact gap in the numbers.
+    assert!((5000..=5010).contains(&count), "{count} ticks of catch-up");
+    // The ~5 s not published (1001 ticks a second) are an exact gap in the numbers.
     let skipped = batches[0].first_seq - expected_next;
-    assert!((7_990..=8_020).contains(&skipped), "{skipped}");
+    assert!((4_990..=5_020).contains(&skipped), "{skipped}");
     cancel.cancel();
 }
