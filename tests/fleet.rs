@@ -104,7 +104,7 @@ async fn full_size_fleet_by_address_list() {
 /// by the client itself with an address list).
 async fn failover_drill(front: Front, subscribers: u64, seconds: u64) {
     let proxy_flag: &[&str] = match front {
-        Front::HaProxy => &["--proxy-protocol"],
+        Front::HaProxy => &["--proxy-protocol", "--proxy-trusted", "127.0.0.1/32"],
         Front::AddressList => &[],
     };
     let mut instances = Vec::new();
