@@ -38,7 +38,12 @@ step "cargo test --doc"
 cargo test --doc
 
 for extra in scripts/test-extra.d/*.sh; do  # otel, loom, soak, fuzz, in that order
-    [ -x "$extra" ] || continue
+    [ -e "$extra" ] || continue  # the glob matched nothing
+    if [ ! -x "$extra" ]; then
+        # A check that silently does not run is worse than a failing one.
+        echo "error: $extra is not executable: chmod +x it (or remove it)" >&2
+        exit 1
+    fi
     step "$extra"
     "$extra"
 done

@@ -1,4 +1,4 @@
-//! Credentials from `TICKSTREAM_USERS` and the per-IP failed-AUTH limiter.
+//! Credentials from `TICKSTREAM_USERS` and the AUTH guess limiter.
 //!
 //! # `TICKSTREAM_USERS`
 //!

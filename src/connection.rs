@@ -90,7 +90,10 @@ where
                 }
                 return Poll::Ready(Ok(Some(frame)));
             }
-            let n = if self.read_buf.capacity() == 0 {
+            // Without spare room, read onto the stack and keep only what
+            // arrived: a peer that sends a few bytes of a frame and stops
+            // holds a buffer the size of those bytes, not a read chunk.
+            let n = if self.read_buf.capacity() == self.read_buf.len() {
                 let mut stack = [0u8; READ_CHUNK];
                 let mut buf = ReadBuf::new(&mut stack);
                 match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
@@ -102,9 +105,6 @@ where
                     Poll::Pending => return Poll::Pending,
                 }
             } else {
-                if self.read_buf.capacity() == self.read_buf.len() {
-                    self.read_buf.reserve(READ_CHUNK);
-                }
                 match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buf) {
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),

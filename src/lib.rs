@@ -11,7 +11,7 @@
 //! - [`proto`]: protobuf messages generated from `proto/stream.proto`.
 //! - [`error`]: the wire's ERROR codes and the error type of each boundary.
 //! - [`config`]: `tickstream serve` flags and the checked [`config::Config`].
-//! - [`auth`]: credentials from `TICKSTREAM_USERS` and the failed-AUTH limiter.
+//! - [`auth`]: credentials from `TICKSTREAM_USERS` (constant-shape checks) and the AUTH guess limiter.
 //! - [`session`]: the per-connection protocol state machine and every timer rule, without I/O.
 //! - [`ring`]: the per-mode broadcast ring and its wake registry; SLOW_CONSUMER.
 //! - `sync`: the ring's atomics, slots, locks and wakers; loom stand-ins under `--cfg loom`.
