@@ -163,6 +163,15 @@ pub fn hash_password(password: &str) -> Result<String, CredentialsError> {
     hash_with(password.as_bytes(), argon2::Params::default())
 }
 
+/// An argon2id PHC string for `password` with a random salt, `m_kib` KiB of
+/// memory and `passes` passes (one lane): for tests and fuzzing, where the
+/// default parameters cost too much per hash.
+pub fn hash_password_with(password: &str, m_kib: u32, passes: u32) -> Result<String, CredentialsError> {
+    let params =
+        argon2::Params::new(m_kib, passes, 1, None).map_err(|e| CredentialsError::Hash(e.to_string()))?;
+    hash_with(password.as_bytes(), params)
+}
+
 /// An argon2id PHC string for `password` with a random salt and `params`.
 fn hash_with(password: &[u8], params: argon2::Params) -> Result<String, CredentialsError> {
     let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use prost::Message;
 use support::*;
 use tickstream::proto::{Ack, DataBatch, ErrorMsg, Mode, Subscribe};
@@ -211,6 +211,9 @@ fn subscribers_that_do_not_keep_up_get_slow_consumer_and_memory_stays_bounded() 
         "64",
         "--send-buffer",
         "4096",
+        // 300 subscribers from one address connect at once.
+        "--max-pending-auth-per-ip",
+        "0",
     ];
     scenario("slow-consumer", &flags, |server, canary| async move {
         let before = proc_stats(server.pid);
@@ -544,11 +547,15 @@ fn sigkill_mid_stream_ends_every_client_cleanly_and_a_restart_serves_them() {
             let canary = Canary::start(addr, Duration::from_secs(5)).await;
             let before = proc_stats(server.pid());
             let mut readers = JoinSet::new();
+            // One permit per subscriber that has received data.
+            let flowing = Arc::new(Semaphore::new(0));
             for _ in 0..CONNECTIONS {
                 let (mut reader, next) = subscribed(addr, None).await;
+                let flowing = flowing.clone();
                 readers.spawn(async move {
                     let mut expected = next;
                     let mut gaps = 0u64;
+                    let mut batches = 0u64;
                     // Read until the server goes away; a hang fails the test
                     // through SCENARIO_LIMIT and the per-read WAIT.
                     let end = loop {
@@ -557,16 +564,21 @@ fn sigkill_mid_stream_ends_every_client_cleanly_and_a_restart_serves_them() {
                                 let batch = DataBatch::decode(&frame.payload[..]).expect("batch decodes");
                                 gaps += u64::from(batch.first_seq != expected);
                                 expected = batch.first_seq + batch.ticks.len() as u64;
+                                batches += 1;
+                                if batches == 1 {
+                                    flowing.add_permits(1);
+                                }
                             }
                             Ok(_) => {}
                             Err(end) => break end,
                         }
                     };
-                    (end, Instant::now(), expected, gaps)
+                    (end, Instant::now(), expected, gaps, batches)
                 });
             }
-            // Let data flow for a moment, then kill without warning.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Kill without warning once data flows to every subscriber.
+            let all = u32::try_from(CONNECTIONS).expect("fits");
+            let _ = flowing.acquire_many(all).await.expect("never closed");
             let killed_at = Instant::now();
             server.signal("KILL");
             assert!(server.wait_exit(WAIT).is_some(), "SIGKILLed server did not exit");
@@ -575,7 +587,8 @@ fn sigkill_mid_stream_ends_every_client_cleanly_and_a_restart_serves_them() {
             let mut resume_points = Vec::new();
             let mut reader_gaps = 0;
             while let Some(result) = readers.join_next().await {
-                let (end, at, expected, gaps) = result.expect("reader task");
+                let (end, at, expected, gaps, batches) = result.expect("reader task");
+                assert!(batches > 0, "a subscriber got no data before the kill");
                 slowest = slowest.max(at.saturating_duration_since(killed_at));
                 tally.count(&end.to_string());
                 resume_points.push(expected);
@@ -596,13 +609,24 @@ fn sigkill_mid_stream_ends_every_client_cleanly_and_a_restart_serves_them() {
             let mut resumed = Tally::default();
             for resume_from in resume_points {
                 let (mut reader, next) = subscribed(addr, Some(resume_from)).await;
-                // A new process restarts the sequence: a reset, not a replay.
+                // A new process restarts the sequence: the client must see a
+                // reset (an earlier position it can detect) or a seamless
+                // continuation, never a silent jump past where it stopped.
+                assert!(
+                    next <= resume_from,
+                    "resume from {resume_from} was answered with next_seq {next}: ticks skipped silently"
+                );
                 resumed.count(if next < resume_from { "reset" } else { "continued" });
                 let frame = reader.next_within(WAIT).await.expect("data after restart");
                 assert_eq!(frame.frame_type, 0x04);
                 let batch = DataBatch::decode(&frame.payload[..]).expect("batch decodes");
                 assert_eq!(batch.first_seq, next, "first batch after restart starts at the ACK");
             }
+            assert_eq!(
+                resumed.get("reset") + resumed.get("continued"),
+                CONNECTIONS,
+                "every subscriber resumed: {resumed}"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
             let after = proc_stats(restarted.pid());
             let canary2 = canary2.finish().await;
@@ -989,29 +1013,10 @@ impl<S: AsyncRead + Unpin> FrameReader<S> {
     /// stays in the buffer (`read_buf` is cancellation-safe).
     async fn next(&mut self) -> Result<RawFrame, End> {
         loop {
-            if self.buf.len() >= 8 {
-                if self.buf[..3] != [0x54, 0x4B, 0x01] {
-                    return Err(End::Garbage);
-                }
-                let len = u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]) as usize;
-                if len > 1 << 20 {
-                    return Err(End::Garbage);
-                }
-                if self.buf.len() >= 12 + len {
-                    let frame_type = self.buf[3];
-                    let payload = self.buf[8..8 + len].to_vec();
-                    let crc = u32::from_be_bytes([
-                        self.buf[8 + len],
-                        self.buf[9 + len],
-                        self.buf[10 + len],
-                        self.buf[11 + len],
-                    ]);
-                    if crc != crc32c::crc32c(&payload) {
-                        return Err(End::Garbage);
-                    }
-                    self.buf.advance(12 + len);
-                    return Ok(RawFrame { frame_type, payload });
-                }
+            match take_frame(&mut self.buf) {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(_) => return Err(End::Garbage),
             }
             let read = match self.throttle {
                 None => self.stream.read_buf(&mut self.buf).await,

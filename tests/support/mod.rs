@@ -172,6 +172,34 @@ mod serde_json_lite {
     }
 }
 
+/// Takes one whole server frame off the front of `buf`, checking the header
+/// and the CRC32C with the independent `crc32c` crate: `Ok(None)` while the
+/// frame is incomplete (nothing consumed), `Err` naming what is wrong. The one
+/// frame decoder of the tests: every reader here goes through it.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<RawFrame>, String> {
+    if buf.len() < 8 {
+        return Ok(None);
+    }
+    if buf[..3] != [0x54, 0x4B, 0x01] {
+        return Err(format!("a bad frame header {:02x?}", &buf[..3]));
+    }
+    let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+    if len > 1 << 20 {
+        return Err(format!("a payload of {len} bytes, over 1 MiB"));
+    }
+    if buf.len() < 12 + len {
+        return Ok(None);
+    }
+    let frame_type = buf[3];
+    let payload = buf[8..8 + len].to_vec();
+    let crc = u32::from_be_bytes([buf[8 + len], buf[9 + len], buf[10 + len], buf[11 + len]]);
+    if crc != crc32c::crc32c(&payload) {
+        return Err(format!("a frame of type {frame_type:#04x} with a bad CRC32C"));
+    }
+    buf.advance(12 + len);
+    Ok(Some(RawFrame { frame_type, payload }))
+}
+
 /// A frame as read off the wire, checked independently.
 #[derive(Debug, Clone)]
 pub struct RawFrame {
@@ -330,18 +358,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
 
     async fn recv_inner(&mut self) -> Option<RawFrame> {
         loop {
-            if self.buf.len() >= 8 {
-                assert_eq!(&self.buf[..3], &[0x54, 0x4B, 0x01], "server frame header");
-                let len = u32::from_be_bytes(self.buf[4..8].try_into().expect("4 bytes")) as usize;
-                assert!(len <= 1 << 20, "server payload {len} over 1 MiB");
-                if self.buf.len() >= 12 + len {
-                    let frame_type = self.buf[3];
-                    let payload = self.buf[8..8 + len].to_vec();
-                    let crc = u32::from_be_bytes(self.buf[8 + len..12 + len].try_into().expect("4 bytes"));
-                    assert_eq!(crc, crc32c::crc32c(&payload), "CRC32C of server frame");
-                    self.buf.advance(12 + len);
-                    return Some(RawFrame { frame_type, payload });
-                }
+            match take_frame(&mut self.buf) {
+                Ok(Some(frame)) => return Some(frame),
+                Ok(None) => {}
+                Err(e) => panic!("server sent {e}"),
             }
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => {
