@@ -45,6 +45,8 @@ pub const SLOW_CONSUMER_DISCONNECTS_TOTAL: &str = "slow_consumer_disconnects_tot
 pub const WRITER_LAG_BATCHES: &str = "writer_lag_batches";
 pub const FRAMES_PER_WRITE: &str = "frames_per_write";
 pub const TLS_RELOADS_TOTAL: &str = "tls_reloads_total";
+/// Fleet clock discipline (OPERATIONS.md): server clock minus HEARTBEAT `client_time_ms`.
+pub const HEARTBEAT_CLOCK_OFFSET_SECONDS: &str = "heartbeat_clock_offset_seconds";
 
 /// `mode` label values (`ticks_published_total`, `batches_published_total`,
 /// `subscribers`).
@@ -83,6 +85,11 @@ pub const PUBLISH_LATENCY_BUCKETS_MS: [f64; 16] = [
 ];
 const LAG_BUCKETS: [f64; 10] = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 4096.0];
 const FRAMES_PER_WRITE_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+/// Signed: a clock behind its clients shows as negative offsets. Fine around
+/// the tolerated skew (tick::MAX_CLOCK_SKEW, 1 s).
+const CLOCK_OFFSET_BUCKETS_S: [f64; 13] = [
+    -5.0, -1.0, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
 
 /// Installs the Prometheus exporter on `addr` (`GET /metrics`) and describes
 /// every metric. Must run inside a tokio runtime.
@@ -95,6 +102,10 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
         )?
         .set_buckets_for_metric(Matcher::Full(WRITER_LAG_BATCHES.into()), &LAG_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(FRAMES_PER_WRITE.into()), &FRAMES_PER_WRITE_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(HEARTBEAT_CLOCK_OFFSET_SECONDS.into()),
+            &CLOCK_OFFSET_BUCKETS_S,
+        )?
         .install()?;
     describe();
     register_at_zero();
@@ -116,7 +127,12 @@ fn register_at_zero() {
     ] {
         counter!(name).increment(0);
     }
-    for name in [PUBLISH_LATENCY_MS, WRITER_LAG_BATCHES, FRAMES_PER_WRITE] {
+    for name in [
+        PUBLISH_LATENCY_MS,
+        WRITER_LAG_BATCHES,
+        FRAMES_PER_WRITE,
+        HEARTBEAT_CLOCK_OFFSET_SECONDS,
+    ] {
         let _ = histogram!(name);
     }
     for mode in MODE_LABELS {
@@ -168,6 +184,11 @@ fn describe() {
     );
     describe_histogram!(FRAMES_PER_WRITE, "Frames gathered into one vectored write.");
     describe_counter!(TLS_RELOADS_TOTAL, "TLS certificate reloads (SIGHUP), by result.");
+    describe_histogram!(
+        HEARTBEAT_CLOCK_OFFSET_SECONDS,
+        Unit::Seconds,
+        "This server's wall clock minus each HEARTBEAT's client_time_ms (one-way delay included); a median far from 0 means this instance's clock drifted."
+    );
 }
 
 /// Handles the server records through. Cheap to share (`Arc` inside).

@@ -398,6 +398,41 @@ async fn a_stopped_server_catches_up_without_lapping_its_subscribers() {
     println!("after a 10 s SIGSTOP: {lost} ticks reported lost, then {after} ticks in order");
 }
 
+/// An instance whose clock runs 300 ms ahead shows it in
+/// `heartbeat_clock_offset_seconds`, the metric OPERATIONS.md alerts on:
+/// every HEARTBEAT from a client with the right time lands between 0.25 s
+/// and 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drifted_clock_shows_in_the_heartbeat_clock_offset_metric() {
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let metrics_arg = metrics.to_string();
+    let server = spawn_server(
+        &["--metrics-listen", &metrics_arg],
+        &[("TICKSTREAM_TEST_CLOCK_OFFSET_MS", "300")],
+    );
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    for _ in 0..3 {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis() as i64;
+        client.send(&heartbeat_frame(now_ms)).await;
+        assert_eq!(client.recv().await.frame_type, 0x03, "heartbeat echo");
+    }
+    let series = "heartbeat_clock_offset_seconds";
+    let body = scrape_until(metrics, &format!("{series}_count"), 3.0).await;
+    assert_eq!(
+        sample(&body, &format!("{series}_bucket{{le=\"0.25\"}}")),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, &format!("{series}_bucket{{le=\"1\"}}")),
+        Some(3.0),
+        "{body}"
+    );
+}
+
 async fn next(client: &mut Client) -> Event {
     tokio::time::timeout(Duration::from_secs(30), client.next_event())
         .await

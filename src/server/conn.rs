@@ -101,6 +101,10 @@ where
 
         match event {
             Event::Frame(frame) => {
+                let heartbeat_sent_at = match &frame {
+                    Frame::Heartbeat(hb) => Some(hb.client_time_ms),
+                    _ => None,
+                };
                 let outcome = session.on_frame(
                     frame,
                     Instant::now(),
@@ -124,7 +128,10 @@ where
                         let next_seq = subs[mode as usize].as_ref().map_or(0, |sub| sub.next_tick_seq);
                         conn.enqueue(Outgoing::Control(shared.fleet.ack(mode, next_seq)));
                     }
-                    Ok(Outcome::Heartbeat { reply }) => conn.enqueue(Outgoing::Control(reply)),
+                    Ok(Outcome::Heartbeat { reply }) => {
+                        shared.fleet.record_clock_offset(heartbeat_sent_at);
+                        conn.enqueue(Outgoing::Control(reply));
+                    }
                     Ok(Outcome::Authenticated { .. } | Outcome::CheckCredentials(_)) => {
                         // An authenticated session refuses AUTH itself.
                         return Some(SessionError::ProtocolViolation("AUTH after a successful AUTH"));

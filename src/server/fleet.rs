@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::config::Config;
+use crate::metrics as m;
 use crate::proto::Mode;
 use crate::ring::Ring;
 use crate::session;
@@ -43,6 +44,15 @@ impl Fleet {
     pub(super) fn ack(&self, mode: Mode, next_seq: u64) -> Bytes {
         let identity = (self.instance_id.as_str(), self.schemes[mode as usize].as_str());
         session::subscribe_ack_from(mode, next_seq, Some(identity))
+    }
+
+    /// Records our clock minus a HEARTBEAT's `client_time_ms` (OPERATIONS.md
+    /// "Clock discipline"): the median over many clients shows this
+    /// instance's clock drifting from theirs.
+    pub(super) fn record_clock_offset(&self, client_time_ms: Option<i64>) {
+        let Some(sent) = client_time_ms else { return };
+        let offset_ms = self.clock.now_ms().saturating_sub(sent);
+        metrics::histogram!(m::HEARTBEAT_CLOCK_OFFSET_SECONDS).record(offset_ms as f64 / 1000.0);
     }
 
     /// A batch of `ticks` made from the clock (the tail of a ring batch a
