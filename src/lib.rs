@@ -15,14 +15,17 @@
 //! - [`session`]: the per-connection protocol state machine and every timer rule, without I/O.
 //! - [`ring`]: the per-mode broadcast ring and its wake registry; SLOW_CONSUMER.
 //! - `sync`: the ring's atomics, slots, locks and wakers; loom stand-ins under `--cfg loom`.
-//! - [`tick`]: clock boundaries, synthetic load, batching, encode once.
+//! - [`tick`]: clock-derived tick numbers, the injectable wall clock, synthetic
+//!   load, batching, encode once, regeneration of past ticks for a resume.
 //! - [`connection`]: framed reads and vectored writes over TCP or TLS.
 //! - [`tls`]: rustls TLS 1.3 server and client configuration, mTLS.
 //! - [`proxy`]: PROXY protocol v1/v2 headers from a load balancer.
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
 //! - [`server`]: runtime wiring and shutdown; `server/admission.rs` (accept loop, limits,
-//!   PROXY, TLS, AUTH) and `server/conn.rs` (the delivery loop of an authenticated connection).
-//! - [`client`]: client library: AUTH, SUBSCRIBE, heartbeats, gaps, reconnect and resume.
+//!   PROXY, TLS, AUTH), `server/conn.rs` (the delivery loop of an authenticated connection)
+//!   and `server/fleet.rs` (instance id, numbering and resume regeneration for the ACK).
+//! - [`client`]: client library: AUTH, SUBSCRIBE, heartbeats, reconnect over an
+//!   address list; its gap/reset/resume rules in the sans-IO `client::StreamState`.
 //! - [`telemetry`]: JSON logs, their rate limit, optional OpenTelemetry spans.
 //! - `fuzzing` (only under `--cfg fuzzing`): entry points for the targets in `fuzz/`.
 //!

@@ -149,3 +149,26 @@ async fn no_password_and_no_terminal_exits_2() {
     assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
     assert!(stderr(&out).contains("TICKSTREAM_PASSWORD"));
 }
+
+#[tokio::test]
+async fn an_address_list_skips_a_dead_server_and_numbers_by_the_clock() {
+    // A port nobody listens on, first in the list.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = spawn_server(&[], &[]);
+    let list = format!("{dead},{}", server.addr);
+    let out = sub(
+        &["--addr", &list, "--user", "alice", "--count", "2"],
+        Some("secret"),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    for line in stdout_lines(&out) {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let seq: i64 = parts[1].strip_prefix("seq=").unwrap().parse().unwrap();
+        let epoch_ms: i64 = parts[2].strip_prefix("epoch_ms=").unwrap().parse().unwrap();
+        assert_eq!(seq * 1000, epoch_ms, "clock numbering: {line}");
+    }
+}

@@ -44,8 +44,14 @@ struct Record {
     gaps: u64,
     resets: u64,
     reconnects: u64,
-    /// From noticing a dropped connection to the next tick delivered.
+    /// From noticing a dropped connection to the next tick delivered
+    /// (includes waiting for the next second boundary when none was missed).
     reconnect_to_tick: Vec<Duration>,
+    /// From noticing a dropped connection to being resubscribed.
+    outages: Vec<Duration>,
+    /// How late (wall clock minus `epoch_ms`) the first tick after each
+    /// reconnect arrived: the delay a failover adds to the data.
+    first_tick_lateness: Vec<Duration>,
     instances: BTreeSet<String>,
 }
 
@@ -209,6 +215,10 @@ async fn subscriber(target: String, deadline: Instant, drop_one: Arc<Notify>) ->
             Event::Batch(batch) => {
                 if let Some((at, outage)) = outage_since.take() {
                     record.reconnect_to_tick.push(outage + at.elapsed());
+                    let late_ms = wall_ms() - batch.ticks[0].epoch_ms;
+                    record
+                        .first_tick_lateness
+                        .push(Duration::from_millis(late_ms.max(0) as u64));
                 }
                 for (i, tick) in batch.ticks.iter().enumerate() {
                     // Clock numbering: the number is the boundary.
@@ -220,6 +230,7 @@ async fn subscriber(target: String, deadline: Instant, drop_one: Arc<Notify>) ->
             Event::Reset { .. } => record.resets += 1,
             Event::Reconnected { outage, .. } => {
                 record.reconnects += 1;
+                record.outages.push(outage);
                 outage_since = Some((Instant::now(), outage));
             }
         }
@@ -236,6 +247,8 @@ async fn subscriber(target: String, deadline: Instant, drop_one: Arc<Notify>) ->
 /// order; at least `min_reconnects` in all. Prints the reconnect figures.
 fn check(label: &str, records: &[Record], min_reconnects: u64) {
     let mut latencies: Vec<Duration> = Vec::new();
+    let mut outages: Vec<Duration> = Vec::new();
+    let mut lateness: Vec<Duration> = Vec::new();
     let mut reconnects = 0;
     let mut ticks = 0;
     let mut moved = 0;
@@ -254,21 +267,40 @@ fn check(label: &str, records: &[Record], min_reconnects: u64) {
         ticks += r.epochs.len();
         moved += usize::from(r.instances.len() > 1);
         latencies.extend(&r.reconnect_to_tick);
+        outages.extend(&r.outages);
+        lateness.extend(&r.first_tick_lateness);
     }
     assert!(
         reconnects >= min_reconnects,
         "{label}: only {reconnects} reconnects"
     );
-    latencies.sort();
-    let pct = |p: usize| latencies.get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)));
     println!(
         "fleet {label}: {} subscribers, {ticks} ticks, 0 gaps, 0 duplicates, 0 resets; {reconnects} reconnects, \
-         {moved} subscribers served by more than one instance; reconnect-to-first-tick p50 {:?} p99 {:?} max {:?}",
+         {moved} subscribers served by more than one instance; reconnect-to-first-tick {}; \
+         drop-to-resubscribed {}; lateness of the first tick after a reconnect {}",
         records.len(),
-        pct(50),
-        pct(99),
-        latencies.last(),
+        percentiles(latencies),
+        percentiles(outages),
+        percentiles(lateness),
     );
+}
+
+/// "p50 X p99 Y max Z" of `samples`.
+fn percentiles(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let pct = |p: usize| {
+        let at = (samples.len() * p / 100).min(samples.len().saturating_sub(1));
+        samples.get(at).copied().unwrap_or_default()
+    };
+    let max = samples.last().copied().unwrap_or_default();
+    format!("p50 {:?} p99 {:?} max {max:?}", pct(50), pct(99))
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
 }
 
 /// Two instances whose clocks are 100 ms apart (+50 ms and -50 ms, through
@@ -412,11 +444,7 @@ async fn a_drifted_clock_shows_in_the_heartbeat_clock_offset_metric() {
     );
     let (mut client, _) = RawClient::authenticated(server.addr).await;
     for _ in 0..3 {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_millis() as i64;
-        client.send(&heartbeat_frame(now_ms)).await;
+        client.send(&heartbeat_frame(wall_ms())).await;
         assert_eq!(client.recv().await.frame_type, 0x03, "heartbeat echo");
     }
     let series = "heartbeat_clock_offset_seconds";
