@@ -211,3 +211,18 @@ async fn a_proxy_v1_header_supplies_the_address_for_per_ip_limits() {
     bare.expect_closed().await;
     server.stop().await;
 }
+
+/// `Config`'s fields are public; `server::run` checks them again, so a value
+/// that would divide by zero on the first connection is refused at start.
+#[tokio::test]
+async fn run_refuses_a_config_made_invalid_through_the_library() {
+    let mut cfg = config();
+    cfg.latency_sample = 0;
+    let listener = tickstream::server::bind(cfg.listen, false).expect("bind");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let result = tokio::time::timeout(WAIT, tickstream::server::run(cfg, listener, shutdown))
+        .await
+        .expect("run returns at once instead of serving");
+    let err = result.expect_err("an invalid config is refused");
+    assert!(err.to_string().starts_with("--latency-sample:"), "{err}");
+}
