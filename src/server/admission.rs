@@ -300,7 +300,7 @@ impl Gate {
             None
         };
         if let Some(refusal) = refusal {
-            if count.connections == 0 {
+            if count.connections == 0 && count.pending == 0 {
                 per_addr.remove(&key);
             }
             return Err(refusal);
@@ -313,9 +313,11 @@ impl Gate {
     fn release(&self, key: AddrKey, connection: bool, pending: bool) {
         let mut per_addr = self.per_addr.lock();
         if let Some(count) = per_addr.get_mut(&key) {
-            count.connections -= usize::from(connection);
-            count.pending -= usize::from(pending);
-            if count.connections == 0 {
+            // Saturating: a task dropped at shutdown may release its two
+            // counts in either order.
+            count.connections = count.connections.saturating_sub(usize::from(connection));
+            count.pending = count.pending.saturating_sub(usize::from(pending));
+            if count.connections == 0 && count.pending == 0 {
                 per_addr.remove(&key);
             }
         }
@@ -676,10 +678,11 @@ impl FairQueue {
         let mut waiter = Waiter {
             rx,
             queue: self.clone(),
+            granted: false,
         };
         // The sender is dropped only after a send: dispatch pops it to send.
         let _ = (&mut waiter.rx).await;
-        waiter.granted();
+        waiter.granted = true;
         QueueSlot(self.clone())
     }
 
@@ -712,16 +715,15 @@ impl FairQueue {
 struct Waiter {
     rx: oneshot::Receiver<()>,
     queue: Arc<FairQueue>,
-}
-
-impl Waiter {
-    fn granted(self) {
-        std::mem::forget(self);
-    }
+    /// The slot was taken (a [`QueueSlot`] now owns it).
+    granted: bool,
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
+        if self.granted {
+            return;
+        }
         self.rx.close();
         if self.rx.try_recv().is_ok() {
             drop(QueueSlot(self.queue.clone()));
@@ -773,6 +775,21 @@ mod tests {
         let again = tokio::time::timeout(Duration::from_millis(5), queue.acquire(key(3))).await;
         assert!(again.is_ok(), "slot leaked");
         assert_eq!(queue.state.lock().running, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_slot_leaks_nothing() {
+        let queue = Arc::new(FairQueue::new(1));
+        let held = queue.acquire(key(1)).await;
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { drop(queue.acquire(key(2)).await) }
+        });
+        tokio::task::yield_now().await;
+        drop(held);
+        waiting.await.unwrap();
+        assert_eq!(Arc::strong_count(&queue), 1, "a waiter kept the queue alive");
+        assert_eq!(queue.state.lock().running, 0);
     }
 
     #[tokio::test(start_paused = true)]
