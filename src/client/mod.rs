@@ -78,7 +78,7 @@ use crate::frame::{self, Frame, FrameType, MAX_BATCH_PAYLOAD};
 use crate::proto::{Ack, Auth, DataBatch, Heartbeat, Mode, MsgType, Subscribe};
 use crate::tls;
 
-mod stream_state;
+pub mod stream_state;
 pub use stream_state::{Loss, StreamError, StreamState};
 
 /// TLS settings for [`Client::connect`].
