@@ -125,11 +125,15 @@ impl Numbering {
         }
     }
 
-    /// The time (ms since the Unix epoch) of tick `seq`.
+    /// The time (ms since the Unix epoch) of tick `seq`. Saturates: a
+    /// client's `resume_from_seq` may be any u64.
     pub fn epoch_ms(&self, seq: u64) -> i64 {
         let (k, j) = (seq / self.per_period, seq % self.per_period);
-        // j < per_period <= 6e12 and period <= 6e4: the product fits u64.
-        (k * self.period_ms + j * self.period_ms / self.per_period) as i64
+        // j < per_period <= 6e12 and period <= 6e4: that product fits u64.
+        let ms = k
+            .saturating_mul(self.period_ms)
+            .saturating_add(j * self.period_ms / self.per_period);
+        i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
     /// True for the clock (boundary) tick of a period, false for synthetic ones.
@@ -147,7 +151,8 @@ impl Numbering {
         // Slot j > 0 is later than t when ⌊j·p/(n+1)⌋ >= d + 1, i.e. when
         // j >= ⌈(d+1)(n+1)/p⌉; past the last slot it is the next clock tick.
         let j = ((d + 1) * self.per_period).div_ceil(self.period_ms);
-        k * self.per_period + j.min(self.per_period)
+        k.saturating_mul(self.per_period)
+            .saturating_add(j.min(self.per_period))
     }
 
     /// The tick numbered `seq`.

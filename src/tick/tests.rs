@@ -194,6 +194,19 @@ fn a_resume_slightly_ahead_of_the_clock_waits_for_it() {
     assert_eq!(plan.skip_below, 0);
 }
 
+#[test]
+fn any_resume_point_a_client_sends_is_planned_without_overflow() {
+    for rate in [0, 100_000_000] {
+        for mode in [Mode::Second, Mode::Minute] {
+            let n = Numbering::new(mode, rate);
+            assert!(n.epoch_ms(u64::MAX) >= n.epoch_ms(u64::MAX - 1));
+            let plan = plan_resume(&n, u64::MAX, 1_000, false, 1_000_000, HOUR);
+            assert_eq!(plan.next_seq, 1_000, "far ahead: the live position");
+            assert!(n.first_seq_after(i64::MAX) > n.first_seq_after(0));
+        }
+    }
+}
+
 proptest! {
     #[test]
     fn numbers_and_times_agree(rate in prop_oneof![Just(0u64), 1u64..5000, Just(100_000_000)],
