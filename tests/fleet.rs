@@ -476,6 +476,39 @@ async fn next(client: &mut Client) -> Event {
         .expect("no SLOW_CONSUMER nor any error")
 }
 
+/// Any `resume_from_seq` is answered: the largest u64 (far ahead of every
+/// clock) and 0 (older than any horizon) get the live position and an
+/// exact gap respectively, and data follows.
+#[tokio::test]
+async fn extreme_resume_points_are_answered_not_crashed_on() {
+    let server = spawn_server(&[], &[]);
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    client.send(&resume_frame(Mode::Second, u64::MAX)).await;
+    let ack = client.recv().await.ack();
+    assert!(ack.next_seq < u64::MAX);
+    assert_eq!(ack.numbering.as_deref(), Some("clock"));
+    let batch = client.recv_skipping_heartbeats().await.batch();
+    assert_eq!(batch.first_seq, ack.next_seq);
+
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    client.send(&resume_frame(Mode::Minute, 0)).await;
+    let ack = client.recv().await.ack();
+    // Regenerated from an hour back (the default horizon): 60 minutes.
+    let now_minute = wall_ms() as u64 / 60_000;
+    assert!(
+        (now_minute - 61..=now_minute - 59).contains(&ack.next_seq),
+        "{}",
+        ack.next_seq
+    );
+    let batch = client.recv_skipping_heartbeats().await.batch();
+    assert_eq!(batch.first_seq, ack.next_seq);
+    let last = batch.ticks.last().expect("ticks").epoch_ms as u64 / 60_000;
+    assert!(
+        (now_minute - 1..=now_minute).contains(&last),
+        "up to this minute: {last}"
+    );
+}
+
 /// SUBSCRIBE with `resume_from_seq`.
 fn resume_frame(mode: Mode, resume_from_seq: u64) -> Vec<u8> {
     use prost::Message;
