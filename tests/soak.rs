@@ -63,6 +63,9 @@ fn soak() {
             "10s",
             "--auth-failures-per-minute",
             "0",
+            // Every client connects from 127.0.0.1, the ramp all at once.
+            "--max-pending-auth-per-ip",
+            "0",
             "--ring-capacity",
             &ring,
         ],
