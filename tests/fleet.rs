@@ -476,6 +476,37 @@ async fn next(client: &mut Client) -> Event {
         .expect("no SLOW_CONSUMER nor any error")
 }
 
+/// A resume point ahead of the server's clock that falls inside a
+/// multi-tick batch: the server skips what is below it and sends the tail of
+/// that batch from exactly the resume point (regenerated), then the ring.
+#[tokio::test]
+async fn a_resume_ahead_of_the_clock_inside_a_batch_starts_exactly_there() {
+    let numbering = tickstream::tick::Numbering::new(Mode::Second, 1000);
+    // The server's clock is 200 ms behind ours; 1000 ticks/s in 5 ms windows.
+    let server = spawn_server(
+        &["--synthetic-rate", "1000"],
+        &[("TICKSTREAM_TEST_CLOCK_OFFSET_MS", "-200")],
+    );
+    for _ in 0..3 {
+        let (mut client, _) = RawClient::authenticated(server.addr).await;
+        // A tick 100 ms in the server's future: most likely inside the
+        // batch of its 5 ms window, which starts a few ticks before it.
+        let resume = numbering.first_seq_after(wall_ms() - 100) + 2;
+        client.send(&resume_frame(Mode::Second, resume)).await;
+        let ack = client.recv().await.ack();
+        assert_eq!(ack.next_seq, resume, "waited for, not reset");
+        let mut expected = resume;
+        for _ in 0..5 {
+            let batch = client.recv_skipping_heartbeats().await.batch();
+            assert_eq!(batch.first_seq, expected, "exactly from the resume point on");
+            for (i, tick) in batch.ticks.iter().enumerate() {
+                assert_eq!(tick.epoch_ms, numbering.epoch_ms(expected + i as u64));
+            }
+            expected += batch.ticks.len() as u64;
+        }
+    }
+}
+
 /// Any `resume_from_seq` is answered: the largest u64 (far ahead of every
 /// clock) and 0 (older than any horizon) get the live position and an
 /// exact gap respectively, and data follows.
