@@ -5,6 +5,12 @@
 //! handle lookup when the macro runs in the loop). Each sample is the time
 //! for both threads to finish `iters` recordings, so the numbers include the
 //! cache-line ping-pong the shared variants cause.
+//!
+//! `latency_sample_1000_deliveries`: the per-frame cost of deciding which
+//! deliveries record `publish_latency_ms` and recording them into the real
+//! histogram, for 1,000 connections receiving one batch: the old rule (a
+//! per-connection flag fixed by `conn_id % 8`) against the new one (batch and
+//! connection together, `Entry::is_latency_sample`). Both record 1 in 8.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -13,6 +19,7 @@ use std::time::{Duration, Instant};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tickstream::metrics::ShardedCounter;
+use tickstream::ring;
 
 const THREADS: usize = 2;
 
@@ -80,7 +87,38 @@ fn record_delivery(c: &mut Criterion) {
         b.iter_custom(|iters| two_threads(iters, Arc::new(|| black_box(()))))
     });
     group.finish();
+
+    let histogram = metrics::histogram!("bench_publish_latency_ms");
+    let mut group = c.benchmark_group("latency_sample_1000_deliveries");
+    let flags: Vec<bool> = (0..CONNECTIONS).map(|id| id % EVERY == 0).collect();
+    let mut seq = 0u64;
+    group.bench_function("by_connection_flag", |b| {
+        b.iter(|| {
+            seq += 1;
+            for &sampled in &flags {
+                if black_box(sampled) {
+                    histogram.record(black_box(0.25));
+                }
+            }
+        })
+    });
+    group.bench_function("by_batch_and_connection", |b| {
+        b.iter(|| {
+            seq += 1;
+            for conn_id in 0..CONNECTIONS {
+                if ring::is_sample(black_box(seq), conn_id, black_box(EVERY)) {
+                    histogram.record(black_box(0.25));
+                }
+            }
+        })
+    });
+    group.finish();
 }
+
+/// Connections receiving each batch in the sampling benchmark.
+const CONNECTIONS: u64 = 1_000;
+/// `--latency-sample`'s default.
+const EVERY: u64 = 8;
 
 criterion_group!(benches, record_delivery);
 criterion_main!(benches);

@@ -90,7 +90,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSTREAM_SEND_BUFFER", default_value_t = 128 * 1024)]
     pub send_buffer: usize,
 
-    /// Record publish_latency_ms for one connection in N (1 = every delivery).
+    /// Record publish_latency_ms for one delivery in N, by batch and connection (1 = every delivery).
     #[arg(long, env = "TICKSTREAM_LATENCY_SAMPLE", default_value_t = 8)]
     pub latency_sample: u64,
 

@@ -172,7 +172,13 @@ where
                 });
                 count += 1;
             }
-            let result = Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..count]);
+            // One frame: plain write(2), which skips the kernel's copy and
+            // check of an iovec array (the common case at clock rates).
+            let result = if count == 1 {
+                Pin::new(&mut self.stream).poll_write(cx, &slices[0])
+            } else {
+                Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..count])
+            };
             let mut written = match result {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => n,
@@ -219,6 +225,25 @@ where
         self.stream.shutdown().await
     }
 
+    /// Reads and discards, without waiting, whatever input the kernel
+    /// already holds (at most `limit` bytes). Called before dropping a
+    /// connection whose close grace ran out: unread input at `close(2)`
+    /// makes the kernel answer with a RST instead of a FIN.
+    pub fn discard_ready_input(&mut self, limit: usize) {
+        // `Waker::noop` needs Rust 1.85 (MSRV 1.80); this runs once per close.
+        let waker = std::task::Waker::from(std::sync::Arc::new(NoopWake));
+        let mut cx = Context::from_waker(&waker);
+        let mut seen = 0;
+        while seen < limit {
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => seen += buf.filled().len(),
+                _ => return,
+            }
+        }
+    }
+
     /// Reads and discards input until EOF, an error, or `limit` bytes: used
     /// after a closing ERROR so that the peer's unread bytes do not turn our
     /// close into a reset that destroys the ERROR before the peer reads it.
@@ -237,6 +262,13 @@ where
             }
         }
     }
+}
+
+/// A waker that does nothing: for polls that must not wait.
+struct NoopWake;
+
+impl std::task::Wake for NoopWake {
+    fn wake(self: std::sync::Arc<Self>) {}
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! so `messages_sent_total` and `bytes_sent_total` are [`ShardedCounter`]s
 //! (one padded atomic per worker thread) that a background task folds into
 //! the exporter every [`FLUSH_INTERVAL`]: a scrape may lag by that much.
-//! `publish_latency_ms` records every delivery of one connection in
-//! `--latency-sample` (default 8), a fixed, documented sample.
+//! `publish_latency_ms` records one delivery in `--latency-sample` (default
+//! 8), chosen by batch and connection together
+//! ([`crate::ring::Entry::is_latency_sample`]).
 //!
 //! Every series exists from the first scrape: [`install_exporter`] registers
 //! each name at 0, the labelled ones with every label value the server can

@@ -41,7 +41,7 @@ use crossbeam_utils::CachePadded;
 use slab::Slab;
 
 pub use crate::sync::AtomicWaker;
-use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, Slot};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering, Slot};
 
 /// One published batch: its encoded frame and the tick sequence range it holds.
 #[derive(Debug)]
@@ -56,6 +56,24 @@ pub struct Entry {
     pub encoded_at: Instant,
     /// The whole wire frame, shared by every writer.
     pub bytes: Bytes,
+}
+
+impl Entry {
+    /// Whether this entry's delivery to connection `conn_id` is one of the
+    /// 1-in-`every` deliveries whose latency is recorded. Sampling by entry
+    /// and connection together spreads the samples over every connection
+    /// (connection `c` records entries `e` with `(e + c) % every == 0`), so a
+    /// server with one subscriber still records one batch in `every`, and
+    /// the decision is an add and a remainder, with no per-connection state.
+    pub fn is_latency_sample(&self, conn_id: u64, every: u64) -> bool {
+        is_sample(self.seq, conn_id, every)
+    }
+}
+
+/// The sampling rule of [`Entry::is_latency_sample`], for any sequence
+/// (an entry's, or a cursor position for per-wake figures).
+pub fn is_sample(seq: u64, conn_id: u64, every: u64) -> bool {
+    every != 0 && seq.wrapping_add(conn_id) % every == 0
 }
 
 /// What a cursor found.
@@ -98,6 +116,8 @@ pub struct Ring {
     published: CachePadded<AtomicU64>,
     /// The tick sequence the first batch starts at.
     initial_tick_seq: u64,
+    /// Set once by [`Ring::close`]: the server is shutting down.
+    closed: AtomicBool,
     wakers: WakeRegistry,
 }
 
@@ -117,6 +137,7 @@ impl Ring {
             slots: (0..capacity).map(|_| Slot::empty()).collect(),
             published: CachePadded::new(AtomicU64::new(0)),
             initial_tick_seq,
+            closed: AtomicBool::new(false),
             wakers: WakeRegistry::new(),
         });
         let publisher = Publisher {
@@ -290,6 +311,25 @@ impl Ring {
     /// producer's timer path: for 100k subscribers this walk takes tens of ms.
     pub fn wake_all(&self) {
         self.wakers.wake_all();
+    }
+
+    /// Marks the ring closed (the server is shutting down) and wakes every
+    /// subscriber, which then sees [`Ring::is_closed`]. A subscriber's
+    /// shutdown check is thus one atomic load per wake, where polling a
+    /// shared `CancellationToken` would lock two mutexes that every
+    /// connection task contends on.
+    pub fn close(&self) {
+        // SeqCst, like the subscriber's load: a subscriber registers its
+        // waker and then loads `closed`, we store and then wake; one of the
+        // two always sees the other.
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// True once [`Ring::close`] has been called. Check it after
+    /// registering the waker, as for `published`.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Number of registered subscribers.
@@ -574,6 +614,48 @@ mod tests {
         assert_eq!(ring.subscribers(), 0);
         ring.wake_all();
         assert_eq!(woken(), 1, "an unregistered waker is not woken");
+    }
+
+    #[test]
+    fn closing_the_ring_wakes_subscribers_and_stays_closed() {
+        let (ring, _publisher) = Ring::new(2);
+        let count = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        let waker = Arc::new(AtomicWaker::new());
+        let _registration = ring.register(waker.clone());
+        waker.register(&std::task::Waker::from(count.clone()));
+        assert!(!ring.is_closed());
+        ring.close();
+        assert!(ring.is_closed());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "close woke the subscriber");
+    }
+
+    #[test]
+    fn every_connection_samples_one_entry_in_every_and_together_they_cover_all() {
+        let every = 8;
+        let mut per_entry = [0u32; 8];
+        for conn_id in 0..every {
+            let hits: Vec<u64> = (100..100 + every)
+                .filter(|&seq| is_sample(seq, conn_id, every))
+                .collect();
+            assert_eq!(
+                hits.len(),
+                1,
+                "connection {conn_id}: one sample per {every} entries"
+            );
+            per_entry[(hits[0] - 100) as usize] += 1;
+        }
+        assert_eq!(
+            per_entry, [1; 8],
+            "consecutive connections sample different entries"
+        );
+        assert!(
+            (0..10).all(|seq| is_sample(seq, 7, 1)),
+            "every = 1 samples everything"
+        );
+        assert!(
+            !is_sample(0, 0, 0),
+            "every = 0 samples nothing instead of dividing by zero"
+        );
     }
 
     #[derive(Debug, Clone)]

@@ -18,7 +18,7 @@ pub use self::real::*;
 
 #[cfg(not(loom))]
 mod real {
-    pub use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
     pub use atomic_waker::AtomicWaker;
     pub use parking_lot::Mutex;
@@ -32,7 +32,7 @@ mod model {
     use std::sync::Arc;
     use std::task::Waker;
 
-    pub use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
     /// Stand-in for `ArcSwapOption`, built on a loom atomic so that loom
     /// sees the slot's own orderings and nothing stronger: a lock here would

@@ -28,7 +28,7 @@ use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, Frame};
 use crate::metrics::{self as m};
 use crate::proto::Mode;
-use crate::ring::{AtomicWaker, Cursor, Entry, Read, Registration, Ring};
+use crate::ring::{self, AtomicWaker, Cursor, Entry, Read, Registration, Ring};
 use crate::session::{Outcome, Session};
 use crate::tick;
 
@@ -69,20 +69,27 @@ where
 {
     let mut subs: [Option<Subscription>; 2] = [None, None];
     let waker = Arc::new(AtomicWaker::new());
-    let sampled = conn_id % shared.latency_sample == 0;
     let mut timer = pin!(tokio::time::sleep_until(session.deadline()));
     let mut cancelled = pin!(shared.shutdown.cancelled());
 
     loop {
         let event = poll_fn(|cx| {
-            if cancelled.as_mut().poll(cx).is_ready() {
+            // A subscriber learns of shutdown from its rings (one atomic load
+            // per wake); only a connection without a subscription polls the
+            // shared token, whose every poll locks two contended mutexes.
+            let subscribed = subs.iter().any(Option::is_some);
+            if !subscribed && cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Shutdown);
             }
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Timeout);
             }
-            if let Some(event) = pump_data(cx, conn, &mut subs, &waker, shared, sampled) {
+            if let Some(event) = pump_data(cx, conn, &mut subs, &waker, shared, conn_id) {
                 return Poll::Ready(event);
+            }
+            // After pump_data registered the waker: Ring::close stores, then wakes.
+            if subs.iter().flatten().any(|sub| sub.ring.is_closed()) {
+                return Poll::Ready(Event::Shutdown);
             }
             // Stop reading while replies pile up for a peer that does not
             // read them: the queue stays bounded and the heartbeat timer
@@ -185,12 +192,18 @@ pub(super) async fn close<S>(
         conn.discard_unstarted();
     }
     conn.enqueue(Outgoing::Control(frame::encode_error(code, error.to_string())));
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+    let graceful = tokio::time::timeout(CLOSE_GRACE, async {
         if conn.shutdown().await.is_ok() {
             conn.drain_input(CLOSE_DRAIN_LIMIT).await;
         }
     })
     .await;
+    if graceful.is_err() {
+        // The peer did not take our data in time (a slow consumer that
+        // stopped reading). Still close with a FIN, not a RST: discard the
+        // input it sent that we never read.
+        conn.discard_ready_input(CLOSE_DRAIN_LIMIT);
+    }
     if code == ErrorCode::ServerShutdown {
         debug!(conn_id, %peer, user, code = code.as_str(), "connection closed");
         return;
@@ -278,7 +291,7 @@ fn pump_data<S>(
     subs: &mut [Option<Subscription>; 2],
     waker: &AtomicWaker,
     shared: &Shared,
-    sampled: bool,
+    conn_id: u64,
 ) -> Option<Event>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -288,7 +301,16 @@ where
         // check always wakes us.
         waker.register(cx.waker());
     }
-    if sampled {
+    // Per-wake figures (lag, frames per write) follow the same rule as the
+    // latency sample, keyed by where the first cursor stands: every
+    // connection contributes over time, one subscriber alone included.
+    let every = shared.latency_sample;
+    let sampled_wake = subs
+        .iter()
+        .flatten()
+        .next()
+        .is_some_and(|sub| ring::is_sample(sub.cursor.position(), conn_id, every));
+    if sampled_wake {
         for sub in subs.iter().flatten() {
             shared.metrics.writer_lag.record(sub.ring.lag(&sub.cursor) as f64);
         }
@@ -333,16 +355,18 @@ where
             |item| {
                 frames += 1;
                 bytes += item.as_ref().len() as u64;
-                if let (true, Outgoing::Data(entry)) = (sampled, item) {
-                    let latency = entry.encoded_at.elapsed();
-                    shared
-                        .metrics
-                        .publish_latency
-                        .record(latency.as_secs_f64() * 1000.0);
+                if let Outgoing::Data(entry) = item {
+                    if entry.is_latency_sample(conn_id, every) {
+                        let latency = entry.encoded_at.elapsed();
+                        shared
+                            .metrics
+                            .publish_latency
+                            .record(latency.as_secs_f64() * 1000.0);
+                    }
                 }
             },
             |gathered| {
-                if sampled {
+                if sampled_wake {
                     shared.metrics.frames_per_write.record(gathered as f64);
                 }
             },

@@ -134,6 +134,14 @@ pub async fn run_with_reload(
         tracker.spawn(tick::run_waker(ring.clone(), wake, shutdown.clone()));
         ring
     });
+    // Subscribers watch their rings for shutdown (see conn.rs): close them.
+    tracker.spawn({
+        let (rings, shutdown) = (rings.clone(), shutdown.clone());
+        async move {
+            shutdown.cancelled().await;
+            rings.iter().for_each(|ring| ring.close());
+        }
+    });
     let flusher = tokio::spawn(metrics.clone().flush_forever());
     let shared = Arc::new(Shared {
         timing: Timing {

@@ -291,6 +291,11 @@ pub struct RawClient<S = TcpStream> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    /// The stream and the bytes read from it but not yet parsed.
+    pub fn into_parts(self) -> (S, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     /// Speaks raw frames over an already connected stream (e.g. TLS).
     pub fn over(stream: S) -> RawClient<S> {
         RawClient {
