@@ -31,8 +31,22 @@ pub enum Protocol {
 const SUBJECT: &str = "ticks";
 
 /// One subscriber until it fails or is cancelled.
-pub async fn subscriber(protocol: Protocol, addr: &str, bind: Option<SocketAddr>, shared: &Shared) {
-    let mut stream = match setup(protocol, addr, bind).await {
+/// `bind` gives the local address for each attempt: a source port another
+/// socket holds (EADDRINUSE) is retried with the next one, as for tickstream.
+pub async fn subscriber(
+    protocol: Protocol,
+    addr: &str,
+    mut bind: impl FnMut() -> Option<SocketAddr>,
+    shared: &Shared,
+) {
+    let mut attempt = 0;
+    let setup = loop {
+        match setup(protocol, addr, bind()).await {
+            Err(e) if attempt < PORT_ATTEMPTS && port_taken(&e) => attempt += 1,
+            other => break other,
+        }
+    };
+    let mut stream = match setup {
         Ok(s) => s,
         Err(e) => {
             shared.failed.fetch_add(1, Relaxed);
@@ -272,6 +286,18 @@ async fn read_array(stream: &mut BufReader<TcpStream>) -> anyhow::Result<Vec<Vec
         }
     }
     Ok(parts)
+}
+
+/// Source ports tried per subscriber before giving up.
+const PORT_ATTEMPTS: u32 = 16;
+
+fn port_taken(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+        )
+    })
 }
 
 async fn connect(addr: &str, bind: Option<SocketAddr>) -> anyhow::Result<TcpStream> {

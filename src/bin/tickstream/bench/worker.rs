@@ -136,7 +136,7 @@ async fn worker(
         let protocol = args.protocol;
         tasks.spawn(async move {
             if protocol != Protocol::Tickstream {
-                let local = bind.map(|ip| SocketAddr::new(ip, next_port(&target.ports)));
+                let local = || bind.map(|ip| SocketAddr::new(ip, next_port(&target.ports)));
                 tokio::select! {
                     () = peers::subscriber(protocol, &target.addrs[0], local, &shared) => {}
                     () = stop.cancelled() => {}
