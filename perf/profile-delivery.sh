@@ -32,7 +32,9 @@ case $target in
     tickstream)
         synthetic=()
         (( rate > 1 )) && synthetic=(--synthetic-rate "$rate")
-        server=(env TICKSTREAM_USERS=alice:secret "$bin" serve --listen "127.0.0.1:$port"
+        # No `env` in front: valgrind would instrument env, not the server it execs.
+        export TICKSTREAM_USERS=alice:secret
+        server=("$bin" serve --listen "127.0.0.1:$port"
             --metrics-listen "127.0.0.1:$metrics" --log-level warn "${synthetic[@]}") ;;
     floor) server=(./target/release/examples/floor --listen "127.0.0.1:$port" --rate "$rate") ;;
     *) echo "-t tickstream|floor" >&2; exit 2 ;;
@@ -41,7 +43,7 @@ stamp=$target-n$n-r$rate-$(date -u +%H%M%S)
 case $tool in
     callgrind)
         out=$outdir/callgrind-$stamp.out
-        prefix=(valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$out") ;;
+        prefix=(valgrind --tool=callgrind --callgrind-out-file="$out") ;;
     strace | perf) prefix=() ;;
     *) echo "tool: callgrind, strace or perf" >&2; exit 2 ;;
 esac
@@ -68,7 +70,8 @@ sent() {
 }
 m0=$(sent)
 case $tool in
-    callgrind) callgrind_control -i on "$pid" >/dev/null; sleep "$secs"; callgrind_control -i off "$pid" >/dev/null ;;
+    # Zero the counters at the window's start, dump them at its end.
+    callgrind) callgrind_control -z "$pid" >/dev/null; sleep "$secs"; callgrind_control -d "$pid" >/dev/null ;;
     strace) timeout -s INT "$secs" strace -c -f -p "$pid" -o "$outdir/strace-$stamp.txt" || true ;;
     perf) perf record -e cpu-clock -F 999 -g -p "$pid" -o "$outdir/perf-$stamp.data" -- sleep "$secs" 2>/dev/null ;;
 esac
@@ -81,11 +84,11 @@ fi
 echo "# $tool $target N=$n rate=$rate window=${secs}s deliveries=$deliveries load1=$(cut -d' ' -f1 /proc/loadavg)"
 case $tool in
     callgrind)
-        callgrind_control -d "$pid" >/dev/null
         sleep 2
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
-        file=$(ls -t "$out"* | head -1)
+        # The requested dump is OUT.1; OUT itself is the (empty) final dump at exit.
+        file=$out.1
         total=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
         echo "instructions (user space) per delivery: $(awk -v t="$total" -v d="$deliveries" 'BEGIN { printf "%.0f", t / d }') ($total / $deliveries)"
         callgrind_annotate --inclusive=yes "$file" 2>/dev/null | sed -n '/file:function/,$p' | head -40
