@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# TLS at scale beside plaintext, in one run: for N idle subscribers, the
+# server's user-space RSS per subscribed connection and its CPU per
+# connection set-up (TLS 1.3 handshake + AUTH + SUBSCRIBE; the inverse is
+# set-ups per core-second); then N subscribers at RATE frames/s, its CPU per
+# delivered frame. Server pinned to CPU 0, `tickstream bench` to CPU 1.
+#
+#   perf/tls-scale.sh [-n N=3000] [-r RATE=100] [-d DURATION=10s]
+#
+# Certificates: a throwaway CA and a "localhost" server certificate made by
+# openssl in a temp directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=3000 rate=100 duration=10s
+while getopts "n:r:d:" opt; do
+    case $opt in n) n=$OPTARG ;; r) rate=$OPTARG ;; d) duration=$OPTARG ;; *) exit 2 ;; esac
+done
+bin=./target/release/tickstream
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=ca \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\n' > "$dir/ext"
+openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial -days 1 \
+    -extfile "$dir/ext" -out "$dir/server.pem" 2>/dev/null
+export TICKSTREAM_PASSWORD=secret TICKSTREAM_USERS=alice:secret
+
+cpu_s() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
+
+# measure NAME RATE: one server, one bench run; prints a JSON line.
+measure() {
+    local name=$1 r=$2 port=17800 tls_server=() tls_client=() synthetic=() addr
+    addr=127.0.0.1:$port
+    if [ "$name" = tls ]; then
+        tls_server=(--tls-cert "$dir/server.pem" --tls-key "$dir/server.key")
+        tls_client=(--tls-ca "$dir/ca.pem")
+        addr=localhost:$port
+    fi
+    (( r > 1 )) && synthetic=(--synthetic-rate "$r")
+    taskset -c 0 "$bin" serve --listen "127.0.0.1:$port" --metrics-listen off --log-level warn \
+        --max-connections 20000 "${tls_server[@]}" "${synthetic[@]}" >/dev/null 2>&1 &
+    local pid=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    local before load line after
+    before=$(cpu_s "$pid") load=$(cut -d' ' -f1 /proc/loadavg)
+    line=$(taskset -c 1 "$bin" bench --addr "$addr" --no-source-bind -n "$n" --connect-rate 0 \
+        --warmup 2s --duration "$duration" --server-pid "$pid" "${tls_client[@]}" 2>/dev/null) || true
+    after=$(cpu_s "$pid")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    python3 - "$name" "$r" "$n" "$before" "$after" "$load" "$line" <<'PY'
+import json, sys
+name, rate, n, before, after, load, line = sys.argv[1:]
+v = json.loads(line or '{"ok": false}')
+s = v.get("server") or {}
+# CPU outside the measured window: connection set-up (and the warmup's
+# deliveries, small next to it for idle runs) and teardown.
+setup_cpu = float(after) - float(before) - s.get("cpu_s", 0)
+print(json.dumps({
+    "transport": name, "rate": int(rate), "n": int(n), "ok": v.get("ok"), "load1": float(load),
+    "rss_bytes_per_connection": s.get("rss_bytes_per_connection"),
+    "cpu_us_per_frame": s.get("cpu_us_per_frame"),
+    "setup_cpu_ms_per_connection": round(setup_cpu * 1000 / int(n), 3),
+    "latency_p50_ms": (v.get("latency_us") or {}).get("p50", 0) / 1000,
+    "first_error": v.get("first_error"),
+}))
+PY
+    sleep 2
+}
+
+echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) N=$n"
+for transport in plain tls; do measure "$transport" 1; done
+for transport in plain tls; do measure "$transport" "$rate"; done
