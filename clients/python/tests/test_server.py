@@ -383,3 +383,38 @@ def test_mtls_needs_a_client_certificate(server_factory: Start, certs: dict[str,
             await Client(server.addr, "alice", "secret", tls=TlsOptions(ca=certs["ca_pem"]), reconnect=None).connect()
 
     arun(body())
+
+
+def test_a_tls12_only_server_is_refused(certs: dict[str, Path]) -> None:
+    """The client's floor is TLS 1.3 (openssl s_server stands in for a
+    server that offers only 1.2)."""
+    import socket
+    import subprocess
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-quiet", "-accept", f"127.0.0.1:{port}", "-tls1_2",
+         "-cert", str(certs["server_pem"]), "-key", str(certs["server_key"])],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "openssl s_server did not start"
+                time.sleep(0.05)
+
+        async def body() -> None:
+            with pytest.raises(TlsError):
+                await Client(f"127.0.0.1:{port}", "alice", "secret", tls=TlsOptions(ca=certs["ca_pem"])).connect()
+
+        arun(body(), timeout=30)
+    finally:
+        server.kill()
+        server.wait()
