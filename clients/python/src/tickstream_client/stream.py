@@ -71,9 +71,11 @@ class Gap:
 
 @dataclass(frozen=True, slots=True)
 class Reset:
-    """The server's numbering of ``mode`` started over (a restarted server):
-    the client expected ``expected``, the stream now continues at ``got``.
-    How many ticks were lost cannot be told (§13)."""
+    """The numbering of ``mode`` changed between two connections, so the
+    positions cannot be compared: an instance with another numbering
+    (``Ack.numbering``), or a restart of a server that numbers per process.
+    The client expected ``expected``; the stream now continues at ``got``.
+    How many ticks were lost cannot be told."""
 
     mode: Mode
     expected: int
