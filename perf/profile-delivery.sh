@@ -35,7 +35,7 @@ case $target in
         # No `env` in front: valgrind would instrument env, not the server it execs.
         export TICKSTREAM_USERS=alice:secret
         server=("$bin" serve --listen "127.0.0.1:$port"
-            --metrics-listen "127.0.0.1:$metrics" --log-level warn "${synthetic[@]}") ;;
+            --metrics-listen "127.0.0.1:$metrics" --log-level warn --max-pending-auth-per-ip 0 "${synthetic[@]}") ;;
     floor) server=(./target/release/examples/floor --listen "127.0.0.1:$port" --rate "$rate") ;;
     *) echo "-t tickstream|floor" >&2; exit 2 ;;
 esac

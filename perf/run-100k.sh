@@ -28,7 +28,8 @@ trap cleanup EXIT
 
 for i in $(seq 1 "$SERVERS"); do
     TICKSTREAM_USERS=alice:secret "$BIN" serve --listen "127.0.0.1:$PORT" --reuse-port \
-        --metrics-listen off --log-level warn --max-connections "$PER_SERVER" &
+        --metrics-listen off --log-level warn --max-connections "$PER_SERVER" \
+        --max-pending-auth-per-ip 0 &
     pids+=($!)
 done
 # Wait (bounded) until the port answers.

@@ -40,7 +40,7 @@ measure() {
     fi
     (( r > 1 )) && synthetic=(--synthetic-rate "$r")
     taskset -c 0 "$bin" serve --listen "127.0.0.1:$port" --metrics-listen off --log-level warn \
-        --max-connections 20000 "${tls_server[@]}" "${synthetic[@]}" >/dev/null 2>&1 &
+        --max-connections 20000 --max-pending-auth-per-ip 0 "${tls_server[@]}" "${synthetic[@]}" >/dev/null 2>&1 &
     local pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
     local before load line after
