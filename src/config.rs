@@ -32,7 +32,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSTREAM_HEARTBEAT_TIMEOUT", default_value = "20s")]
     pub heartbeat_timeout: humantime::Duration,
 
-    /// Time a new connection has to send a complete AUTH frame.
+    /// One deadline from accept to authenticated: the PROXY header, the TLS
+    /// handshake and a complete AUTH frame must all arrive within it.
     #[arg(long, env = "TICKSTREAM_AUTH_TIMEOUT", default_value = "5s")]
     pub auth_timeout: humantime::Duration,
 
