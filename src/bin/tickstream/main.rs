@@ -9,6 +9,7 @@ mod bench;
 mod hash_password;
 mod serve;
 mod sub;
+mod tls_args;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

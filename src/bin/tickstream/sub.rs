@@ -1,13 +1,14 @@
 //! `tickstream sub`: subscribe and print ticks, one line each.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use tickstream::client::{Backoff, Client, ClientOptions, Event, TlsClientOptions};
+use tickstream::client::{Backoff, Client, ClientOptions, Event};
 use tickstream::error::{ClientError, ErrorCode};
 use tickstream::proto::{DataBatch, Mode};
+
+use crate::tls_args::TlsArgs;
 
 /// Bad flags or a missing password (the same code clap uses).
 pub const EXIT_USAGE: u8 = 2;
@@ -60,21 +61,8 @@ pub struct SubArgs {
     #[arg(long)]
     pub no_reconnect: bool,
 
-    /// Use TLS 1.3, trusting this CA (PEM).
-    #[arg(long, env = "TICKSTREAM_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-
-    /// Client certificate (PEM) for mTLS; needs --tls-key and --tls-ca.
-    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<PathBuf>,
-
-    /// Client private key (PEM) for mTLS; needs --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    /// Name to check the server certificate against (default: the --addr host).
-    #[arg(long, requires = "tls_ca")]
-    pub tls_server_name: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,11 +102,7 @@ pub fn run(args: SubArgs) -> ExitCode {
 }
 
 async fn subscribe(args: &SubArgs, password: &str) -> Result<(), ClientError> {
-    let tls = args.tls_ca.as_ref().map(|ca| TlsClientOptions {
-        ca: ca.clone(),
-        client_cert: args.tls_cert.clone().zip(args.tls_key.clone()),
-        server_name: args.tls_server_name.clone(),
-    });
+    let tls = args.tls.options();
     let options = ClientOptions {
         tls,
         reconnect: (!args.no_reconnect).then(Backoff::default),

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use tickstream::client::{ClientOptions, TlsClientOptions};
+use tickstream::client::ClientOptions;
 
 use super::peers::Protocol;
 use crate::sub::ModeArg;
+use crate::tls_args::TlsArgs;
 
 /// Load generator: N subscribed connections, latency percentiles, server CPU and RSS.
 #[derive(Args, Debug, Clone)]
@@ -88,21 +89,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     pub size: usize,
 
-    /// Use TLS 1.3, trusting this CA (PEM). Every connection does its own handshake.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
-
-    /// Client certificate (PEM) for mTLS; needs --tls-key and --tls-ca.
-    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
-    pub tls_cert: Option<PathBuf>,
-
-    /// Client private key (PEM) for mTLS; needs --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-
-    /// Name to check the server certificate against (default: each address's host).
-    #[arg(long, requires = "tls_ca")]
-    pub tls_server_name: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// Internal: run as a worker of a parent bench process.
     #[arg(long, hide = true)]
@@ -123,7 +111,7 @@ impl BenchArgs {
                 // One publisher reaches the subscribers of one server only.
                 bail!("--addr: --protocol nats|redis takes exactly one address");
             }
-            if self.tls_ca.is_some() {
+            if self.tls.tls_ca.is_some() {
                 bail!("--tls-ca: only --protocol tickstream speaks TLS here");
             }
         }
@@ -138,11 +126,7 @@ impl BenchArgs {
     /// Client options every connection starts from (TLS when --tls-ca).
     pub fn client_options(&self) -> ClientOptions {
         ClientOptions {
-            tls: self.tls_ca.as_ref().map(|ca| TlsClientOptions {
-                ca: ca.clone(),
-                client_cert: self.tls_cert.clone().zip(self.tls_key.clone()),
-                server_name: self.tls_server_name.clone(),
-            }),
+            tls: self.tls.options(),
             ..ClientOptions::default()
         }
     }
@@ -182,21 +166,7 @@ impl BenchArgs {
             flags.push("--mode".into());
             flags.push(if *m == ModeArg::Second { "second" } else { "minute" }.into());
         }
-        let paths = [
-            ("--tls-ca", &self.tls_ca),
-            ("--tls-cert", &self.tls_cert),
-            ("--tls-key", &self.tls_key),
-        ];
-        for (flag, path) in paths {
-            if let Some(path) = path {
-                flags.push(flag.into());
-                flags.push(path.display().to_string());
-            }
-        }
-        if let Some(name) = &self.tls_server_name {
-            flags.push("--tls-server-name".into());
-            flags.push(name.clone());
-        }
+        flags.extend(self.tls.to_flags());
         flags
     }
 }
@@ -248,9 +218,7 @@ mod tests {
             parse(&argv)
         };
         assert_eq!(reparsed.addr, args.addr);
-        assert_eq!(reparsed.tls_ca, args.tls_ca);
-        assert_eq!(reparsed.tls_cert, args.tls_cert);
-        assert_eq!(reparsed.tls_key, args.tls_key);
+        assert_eq!(reparsed.tls, args.tls);
         let tls = reparsed.client_options().tls.expect("tls options");
         assert_eq!(tls.client_cert, Some(("c.pem".into(), "k.pem".into())));
     }

@@ -72,7 +72,7 @@ pub fn report(args: &BenchArgs, tallies: Vec<Tally>, measured: Duration, server:
         "ok": ok,
         "protocol": format!("{:?}", args.protocol).to_lowercase(),
         "addr": args.addr_list(),
-        "tls": args.tls_ca.is_some(),
+        "tls": args.tls.tls_ca.is_some(),
         "connections": args.connections,
         "connected": connected,
         "failed": failed,
