@@ -18,15 +18,12 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
 use tickstream::client::{Backoff, Client, ClientOptions, Event};
 use tickstream::proto::Mode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -173,7 +170,7 @@ async fn failover_drill(front: Front, subscribers: u64, seconds: u64) {
 
     tokio::time::sleep_until(started + run * 70 / 100).await;
     match &lb {
-        Some(lb) => lb.kill_one_session().await,
+        Some(lb) => kill_one_session(lb).await,
         None => drop_one.notify_one(),
     }
 
@@ -552,89 +549,29 @@ fn resume_frame(mode: Mode, resume_from_seq: u64) -> Vec<u8> {
 }
 
 /// HAProxy in front of the fleet, with the failover settings of
-/// deploy/haproxy.cfg at test speed, and an admin socket.
-struct HaProxy {
-    child: Child,
-    addr: SocketAddr,
-    admin: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for HaProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// deploy/haproxy.cfg at test speed.
 async fn haproxy(backends: &[SocketAddr]) -> HaProxy {
-    require_tool("haproxy", "haproxy");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let admin = dir.path().join("admin.sock");
     let servers: String = backends
         .iter()
         .enumerate()
         .map(|(i, b)| format!("    server ts{i} {b}\n"))
         .collect();
-    let config = format!(
-        "global\n    maxconn 4000\n    stats socket {admin} level admin\n\
-         defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n\
-         \x20   retries 3\n    option redispatch\n\
-         frontend clients\n    bind {addr}\n    default_backend tickstream\n\
-         backend tickstream\n    balance leastconn\n\
+    HaProxy::start(&format!(
+        "    balance leastconn\n\
          \x20   default-server send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 2 \
-         on-marked-down shutdown-sessions\n{servers}",
-        admin = admin.display(),
-    );
-    let path = dir.path().join("haproxy.cfg");
-    std::fs::write(&path, config).expect("write haproxy.cfg");
-    let child = Command::new("haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn haproxy");
-    let proxy = HaProxy {
-        child,
-        addr,
-        admin,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "haproxy never listened on {addr}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    proxy
+         on-marked-down shutdown-sessions\n{servers}"
+    ))
+    .await
 }
 
-impl HaProxy {
-    /// One command on the admin socket; its whole answer.
-    async fn admin(&self, command: &str) -> String {
-        let mut socket = tokio::net::UnixStream::connect(&self.admin)
-            .await
-            .expect("admin socket");
-        socket
-            .write_all(format!("{command}\n").as_bytes())
-            .await
-            .expect("admin write");
-        let mut answer = String::new();
-        socket.read_to_string(&mut answer).await.expect("admin read");
-        answer
-    }
-
-    /// Kills one client session at the balancer (`shutdown session`).
-    async fn kill_one_session(&self) {
-        let sessions = self.admin("show sess").await;
-        let id = sessions
-            .lines()
-            .find(|l| l.contains("fe=clients") && l.contains("srv=ts"))
-            .and_then(|l| l.split(':').next())
-            .unwrap_or_else(|| panic!("no client session to kill: {sessions}"));
-        let answer = self.admin(&format!("shutdown session {id}")).await;
-        assert!(answer.trim().is_empty(), "shutdown session: {answer}");
-    }
+/// Kills one client session at the balancer (`shutdown session`).
+async fn kill_one_session(lb: &HaProxy) {
+    let sessions = lb.admin("show sess").await;
+    let id = sessions
+        .lines()
+        .find(|l| l.contains("fe=clients") && l.contains("srv=ts"))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no client session to kill: {sessions}"));
+    let answer = lb.admin(&format!("shutdown session {id}")).await;
+    assert!(answer.trim().is_empty(), "shutdown session: {answer}");
 }

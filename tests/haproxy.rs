@@ -8,31 +8,13 @@ mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use support::*;
 use tickstream::proto::Mode;
 
-struct HaProxy {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for HaProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts HAProxy in the foreground with a config generated for `backends`;
-/// returns once its frontend accepts connections.
+/// HAProxy round-robin over `backends`, each sent PROXY v2 and health-checked.
 async fn haproxy(backends: &[SocketAddr]) -> HaProxy {
-    require_tool("haproxy", "haproxy");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let servers: String = backends
         .iter()
         .enumerate()
@@ -40,37 +22,7 @@ async fn haproxy(backends: &[SocketAddr]) -> HaProxy {
             format!("    server ts{i} {b} send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 1\n")
         })
         .collect();
-    let config = format!(
-        "global\n    maxconn 1000\n\
-         defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n\
-         \x20   retries 2\n    option redispatch\n\
-         frontend clients\n    bind {addr}\n    default_backend tickstream\n\
-         backend tickstream\n    balance roundrobin\n{servers}"
-    );
-    let path = dir.path().join("haproxy.cfg");
-    std::fs::write(&path, config).expect("write haproxy.cfg");
-    let child = Command::new("haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn haproxy");
-    let proxy = HaProxy {
-        child,
-        addr,
-        _dir: dir,
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "haproxy never listened on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    proxy
+    HaProxy::start(&format!("    balance roundrobin\n{servers}")).await
 }
 
 fn ip(s: &str) -> IpAddr {

@@ -642,3 +642,78 @@ impl Drop for TempPki {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// HAProxy in the foreground in front of tickstream instances, killed on
+/// drop, with an admin socket for tests that steer it.
+pub struct HaProxy {
+    child: Child,
+    pub addr: SocketAddr,
+    admin: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HaProxy {
+    /// Starts HAProxy with `backend` as the body of its `backend tickstream`
+    /// section (balance, default-server, server lines); returns once the
+    /// frontend accepts connections.
+    pub async fn start(backend: &str) -> HaProxy {
+        require_tool("haproxy", "haproxy");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin = dir.path().join("admin.sock");
+        let config = format!(
+            "global\n    maxconn 4000\n    stats socket {admin} level admin\n\
+             defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n\
+             \x20   retries 3\n    option redispatch\n\
+             frontend clients\n    bind {addr}\n    default_backend tickstream\n\
+             backend tickstream\n{backend}",
+            admin = admin.display(),
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn haproxy");
+        let proxy = HaProxy {
+            child,
+            addr,
+            admin,
+            _dir: dir,
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while TcpStream::connect(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "haproxy never listened on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy
+    }
+
+    /// One command on the admin socket; its whole answer.
+    pub async fn admin(&self, command: &str) -> String {
+        let mut socket = tokio::net::UnixStream::connect(&self.admin)
+            .await
+            .expect("admin socket");
+        socket
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .expect("admin write");
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await.expect("admin read");
+        answer
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
