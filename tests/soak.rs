@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use prost::Message;
 use rand::Rng;
 use support::*;
@@ -397,7 +397,7 @@ async fn pump(
     tokio::pin!(stop);
     let mut last_data = Instant::now();
     loop {
-        while let Some((frame_type, payload)) = parse(&mut buf)? {
+        while let Some(RawFrame { frame_type, payload }) = take_frame(&mut buf)? {
             match frame_type {
                 0x06 => {
                     let ack = Ack::decode(&payload[..]).map_err(|e| e.to_string())?;
@@ -521,28 +521,6 @@ fn varint(bytes: &[u8], at: &mut usize) -> Result<u64, String> {
         }
     }
     Err("varint longer than 10 bytes".into())
-}
-
-/// One whole, CRC-checked frame off the front of `buf`.
-fn parse(buf: &mut BytesMut) -> Result<Option<(u8, Vec<u8>)>, String> {
-    if buf.len() < 8 {
-        return Ok(None);
-    }
-    if buf[..3] != [0x54, 0x4B, 0x01] {
-        return Err("bad frame header from server".into());
-    }
-    let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
-    if buf.len() < 12 + len {
-        return Ok(None);
-    }
-    let frame_type = buf[3];
-    let payload = buf[8..8 + len].to_vec();
-    let crc = u32::from_be_bytes([buf[8 + len], buf[9 + len], buf[10 + len], buf[11 + len]]);
-    if crc != crc32c::crc32c(&payload) {
-        return Err("bad CRC from server".into());
-    }
-    buf.advance(12 + len);
-    Ok(Some((frame_type, payload)))
 }
 
 /// utime + stime of `pid`, in clock ticks.
