@@ -569,9 +569,10 @@ mod tests {
         let (ring, mut publisher) = Ring::starting_at(4, 100);
         publish_n(&mut publisher, 2, 10); // ticks 100..120
         publisher.skip_to(150);
-        publisher.skip_to(140); // never back
-        publish_n(&mut publisher, 3, 10); // ticks 150..180; ring holds 110..180
-                                          // Older than the ring: the oldest batch, not resumed.
+        publisher.skip_to(140);
+        // skip_to never goes back. Ticks 150..180; the ring now holds 110..180.
+        publish_n(&mut publisher, 3, 10);
+        // Older than the ring: the oldest batch, not resumed.
         let start = ring.subscribe_at_or_after(5);
         assert_eq!(
             (start.cursor.position(), start.next_tick_seq, start.resumed),
