@@ -24,23 +24,8 @@ const SCRAPES: f64 = 8.0;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_panel_query_returns_data_from_a_real_prometheus() {
     require_tool("prometheus", "prometheus");
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (server, metrics) = spawn_busy_metrics_server(&[]);
     let metrics_arg = metrics.to_string();
-    let server = spawn_server(
-        &[
-            "--metrics-listen",
-            &metrics_arg,
-            "--synthetic-rate",
-            "200",
-            "--latency-sample",
-            "1",
-            "--heartbeat-interval",
-            "200ms",
-            "--heartbeat-timeout",
-            "400ms",
-        ],
-        &[],
-    );
 
     // Traffic for every panel: a subscriber of each mode that keeps
     // heartbeating, a client that times out, a wrong password.

@@ -20,25 +20,7 @@ const ALLOWED_LINT: &[&str] = &["publish_latency_ms"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_counts_what_the_server_does_and_passes_promtool() {
     require_tool("promtool", "prometheus");
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics_arg = metrics.to_string();
-    let server = spawn_server(
-        &[
-            "--metrics-listen",
-            &metrics_arg,
-            "--synthetic-rate",
-            "200",
-            "--latency-sample",
-            "1",
-            "--heartbeat-interval",
-            "200ms",
-            "--heartbeat-timeout",
-            "400ms",
-            "--max-connections-per-ip",
-            "4",
-        ],
-        &[],
-    );
+    let (server, metrics) = spawn_busy_metrics_server(&["--max-connections-per-ip", "4"]);
     let first = scrape_until_up(metrics).await;
 
     // A subscriber of each mode receives data.

@@ -717,3 +717,25 @@ impl Drop for HaProxy {
         let _ = self.child.wait();
     }
 }
+
+/// A server with metrics on a free port, synthetic load, every delivery's
+/// latency recorded and fast heartbeat timing, so every metric moves within
+/// seconds; `extra` flags are appended. Returns the server and its metrics address.
+pub fn spawn_busy_metrics_server(extra: &[&str]) -> (ServerProcess, SocketAddr) {
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics_arg = metrics.to_string();
+    let mut args = vec![
+        "--metrics-listen",
+        &metrics_arg,
+        "--synthetic-rate",
+        "200",
+        "--latency-sample",
+        "1",
+        "--heartbeat-interval",
+        "200ms",
+        "--heartbeat-timeout",
+        "400ms",
+    ];
+    args.extend_from_slice(extra);
+    (spawn_server(&args, &[]), metrics)
+}
