@@ -572,34 +572,25 @@ mod tests {
         publisher.skip_to(140);
         // skip_to never goes back. Ticks 150..180; the ring now holds 110..180.
         publish_n(&mut publisher, 3, 10);
-        // Older than the ring: the oldest batch, not resumed.
-        let start = ring.subscribe_at_or_after(5);
-        assert_eq!(
-            (start.cursor.position(), start.next_tick_seq, start.resumed),
-            (1, 110, false)
-        );
-        // Inside the skipped range: the first batch after it.
-        let start = ring.subscribe_at_or_after(130);
-        assert_eq!(
-            (start.cursor.position(), start.next_tick_seq, start.resumed),
-            (2, 150, false)
-        );
-        // Held by a batch, and the live head, as subscribe_from.
-        let start = ring.subscribe_at_or_after(165);
-        assert_eq!(
-            (start.cursor.position(), start.next_tick_seq, start.resumed),
-            (3, 160, true)
-        );
-        let start = ring.subscribe_at_or_after(180);
-        assert_eq!(
-            (start.cursor.position(), start.next_tick_seq, start.resumed),
-            (5, 180, true)
-        );
-        let start = ring.subscribe_at_or_after(200);
-        assert_eq!(
-            (start.cursor.position(), start.next_tick_seq, start.resumed),
-            (5, 180, false)
-        );
+        // (resume point, cursor position, next tick, resumed)
+        let cases = [
+            // Older than the ring: the oldest batch, not resumed.
+            (5, 1, 110, false),
+            // Inside the skipped range: the first batch after it.
+            (130, 2, 150, false),
+            // Held by a batch, and the live head, as subscribe_from.
+            (165, 3, 160, true),
+            (180, 5, 180, true),
+            (200, 5, 180, false),
+        ];
+        for (resume, position, next_tick_seq, resumed) in cases {
+            let start = ring.subscribe_at_or_after(resume);
+            assert_eq!(
+                (start.cursor.position(), start.next_tick_seq, start.resumed),
+                (position, next_tick_seq, resumed),
+                "resume at {resume}"
+            );
+        }
     }
 
     #[test]
