@@ -747,7 +747,7 @@ where
             figures.canary
         );
         assert!(
-            figures.canary.batches >= 10,
+            figures.canary.batches >= CANARY_MIN_BATCHES,
             "canary starved: {:?}",
             figures.canary
         );
@@ -863,7 +863,13 @@ async fn settle(pid: u32, baseline: usize) -> ProcStats {
 struct Canary {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<CanaryReport>,
+    /// Batches received so far, for `finish` to await.
+    batches: tokio::sync::watch::Receiver<u64>,
 }
+
+/// Batches a canary must receive for a scenario to pass: `finish` waits up
+/// to [`WAIT`] for them, so a fast scenario is not mistaken for starvation.
+const CANARY_MIN_BATCHES: u64 = 10;
 
 #[derive(Debug, Default, Clone)]
 struct CanaryReport {
@@ -879,6 +885,7 @@ impl Canary {
         let (mut reader, next) = subscribed(addr, None).await;
         let stop = CancellationToken::new();
         let token = stop.clone();
+        let (batches_tx, batches) = tokio::sync::watch::channel(0);
         let task = tokio::spawn(async move {
             let mut report = CanaryReport::default();
             let mut expected = next;
@@ -906,6 +913,7 @@ impl Canary {
                                 report.gaps += u64::from(batch.first_seq != expected);
                                 expected = batch.first_seq + batch.ticks.len() as u64;
                                 report.batches += 1;
+                                batches_tx.send_replace(report.batches);
                                 report.ticks += batch.ticks.len() as u64;
                             }
                             Ok(frame) if frame.frame_type == 0x03 => {}
@@ -923,10 +931,12 @@ impl Canary {
             }
             report
         });
-        Canary { stop, task }
+        Canary { stop, task, batches }
     }
 
-    async fn finish(self) -> CanaryReport {
+    async fn finish(mut self) -> CanaryReport {
+        // Ends early (Err) if the canary stopped on its own; its report says why.
+        let _ = tokio::time::timeout(WAIT, self.batches.wait_for(|&n| n >= CANARY_MIN_BATCHES)).await;
         self.stop.cancel();
         tokio::time::timeout(WAIT, self.task)
             .await
