@@ -146,7 +146,9 @@ fn fanout(c: &mut Criterion) {
                             let done = all_done.notified();
                             publisher.publish(1, frame.clone(), Instant::now());
                             match wake {
-                                Wake::Registry => ring.wake_all(),
+                                Wake::Registry => {
+                                    ring.wake_all();
+                                }
                                 Wake::NotifyWaiters => notify.notify_waiters(),
                             }
                             done.await;

@@ -23,14 +23,17 @@
 //! - [`metrics`]: metric names, the Prometheus exporter, sharded counters.
 //! - [`server`]: runtime wiring and shutdown; `server/admission.rs` (accept loop, limits,
 //!   PROXY, TLS, AUTH), `server/conn.rs` (the delivery loop of an authenticated connection)
-//!   and `server/fleet.rs` (instance id, numbering and resume regeneration for the ACK).
+//!   `server/direct.rs` (the ring walk that sends each new batch to parked connections
+//!   itself) and `server/fleet.rs` (instance id, numbering and resume regeneration for the ACK).
 //! - [`client`]: client library: AUTH, SUBSCRIBE, heartbeats, reconnect over an
 //!   address list; its gap/reset/resume rules in the sans-IO `client::StreamState`.
 //! - [`telemetry`]: JSON logs, their rate limit, optional OpenTelemetry spans.
 //! - `fuzzing` (only under `--cfg fuzzing`): entry points for the targets in `fuzz/`.
 //!
 //! PROTOCOL.md describes the wire protocol byte by byte.
-#![forbid(unsafe_code)]
+// One `unsafe` block, allowed where it stands: the ring walk borrows a
+// connection's socket descriptor to send on it (server/direct.rs).
+#![deny(unsafe_code)]
 // Network input may be hostile: the library never unwraps it (tests may).
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 

@@ -25,16 +25,20 @@
 //!
 //! # Waking
 //!
-//! Subscribers register one [`AtomicWaker`] each in a sharded registry;
-//! [`Ring::wake_all`] walks it after a publish. Registering happens once per
-//! subscription (a shard lock), while waiting is a lock-free
-//! `AtomicWaker::register`. A subscriber registers *before* its last check of
-//! `published` and the producer stores `published` *before* waking, so no
-//! wake-up is lost. A task woken and not yet run costs nothing on the next
-//! publish: wake-ups coalesce, and the writer then sends everything after its
-//! cursor in one vectored write.
+//! Subscribers register once each in a sharded registry, as a
+//! [`Subscriber`]; after a publish, [`Ring::walk`] calls every one's
+//! [`Subscriber::on_publish`]. The plain one is an [`AtomicWaker`]: it wakes
+//! its task. The server's own subscriber first tries to deliver the new
+//! batch itself, with one non-blocking write from the walking thread, and
+//! wakes its task only when that cannot be done (see `server/direct.rs`).
+//! Registering happens once per subscription (a shard lock), while waiting
+//! is a lock-free `AtomicWaker::register`. A subscriber registers *before*
+//! its last check of `published` and the producer stores `published`
+//! *before* walking, so no wake-up is lost. A task woken and not yet run
+//! costs nothing on the next publish: wake-ups coalesce, and the writer then
+//! sends everything after its cursor in one vectored write.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
@@ -102,6 +106,11 @@ pub struct Cursor {
 impl Cursor {
     pub fn position(&self) -> u64 {
         self.next
+    }
+
+    /// The cursor of a reader that has read `entry`.
+    pub fn after(entry: &Entry) -> Cursor {
+        Cursor { next: entry.seq + 1 }
     }
 }
 
@@ -302,10 +311,10 @@ impl Ring {
         self.lag(cursor) > self.capacity()
     }
 
-    /// Registers `waker` to be woken after each publish, until the returned
+    /// Registers `subscriber` to be told of each publish, until the returned
     /// guard is dropped.
-    pub fn register(self: &Arc<Self>, waker: Arc<AtomicWaker>) -> Registration {
-        let (shard, key) = self.wakers.insert(waker);
+    pub fn register(self: &Arc<Self>, subscriber: Arc<dyn Subscriber>) -> Registration {
+        let (shard, key) = self.wakers.insert(subscriber);
         Registration {
             ring: self.clone(),
             shard,
@@ -313,10 +322,35 @@ impl Ring {
         }
     }
 
-    /// Wakes every registered subscriber. Called after a publish, off the
-    /// producer's timer path: for 100k subscribers this walk takes tens of ms.
-    pub fn wake_all(&self) {
-        self.wakers.wake_all();
+    /// Tells every registered subscriber of the last publish (one [`walk`]
+    /// in one part). Called after a publish, off the producer's timer path.
+    ///
+    /// [`walk`]: Ring::walk
+    pub fn wake_all(&self) -> Walk {
+        let mut walk = Walk::default();
+        self.walk(0, 1, &mut walk);
+        walk
+    }
+
+    /// Calls [`Subscriber::on_publish`] for the subscribers in part `part` of
+    /// `parts` of the registry (shards `part`, `part + parts`, ...), so that
+    /// `parts` threads can share one walk. Each shard stays locked while it
+    /// is walked: a subscriber that registers or leaves meanwhile waits for
+    /// that shard only.
+    pub fn walk(&self, part: usize, parts: usize, walk: &mut Walk) {
+        for shard in self.wakers.shards.iter().skip(part).step_by(parts.max(1)) {
+            for (_, subscriber) in shard.lock().iter() {
+                subscriber.on_publish(self, walk);
+            }
+        }
+    }
+
+    /// The newest published entry, if the ring has one.
+    pub fn latest(&self) -> Option<Arc<Entry>> {
+        match self.published() {
+            0 => None,
+            head => self.load(head - 1),
+        }
     }
 
     /// Marks the ring closed (the server is shutting down) and wakes every
@@ -423,20 +457,59 @@ impl Drop for Registration {
     }
 }
 
-/// Wakers sharded over several slabs, so that a subscribe or a disconnect
-/// waits for at most one shard of the wake walk, not all 100k entries.
+/// What a registered subscriber does when its ring publishes.
+pub trait Subscriber: Send + Sync {
+    /// Called by [`Ring::walk`] after a publish (and after [`Ring::close`]),
+    /// with the shard holding this subscriber locked: it must not block.
+    fn on_publish(&self, ring: &Ring, walk: &mut Walk);
+}
+
+/// A task waiting on the ring: woken after each publish.
+impl Subscriber for AtomicWaker {
+    fn on_publish(&self, _ring: &Ring, walk: &mut Walk) {
+        self.wake();
+        walk.woken += 1;
+    }
+}
+
+/// What one walk did, for the walker's metrics, and what it loaded once for
+/// every subscriber it visits.
+#[derive(Debug, Default)]
+pub struct Walk {
+    /// Which of a subscriber's per-ring places this ring is (the server's
+    /// connections keep one per mode).
+    pub slot: usize,
+    /// Record the latency of 1 delivery in this many
+    /// ([`Entry::is_latency_sample`]).
+    pub sample_every: u64,
+    /// Subscribers whose task was woken.
+    pub woken: u64,
+    /// Frames and bytes subscribers wrote from the walk itself.
+    pub frames: u64,
+    pub bytes: u64,
+    /// Publish-to-write latencies of the sampled deliveries made in the walk.
+    pub latencies: Vec<Duration>,
+    /// [`Ring::latest`] as the walk began, loaded once by a walker whose
+    /// subscribers write (`None`: they read the ring themselves).
+    pub latest: Option<Arc<Entry>>,
+}
+
+/// Subscribers sharded over several slabs, so that a subscribe or a
+/// disconnect waits for at most one shard of the walk, not all 100k entries.
 struct WakeRegistry {
     shards: Box<[CachePadded<WakeShard>]>,
     next_shard: AtomicUsize,
     len: AtomicUsize,
 }
 
-/// One shard of the registry: the wakers of some subscribers.
-type WakeShard = Mutex<Slab<Arc<AtomicWaker>>>;
+/// One shard of the registry: some of the subscribers.
+type WakeShard = Mutex<Slab<Arc<dyn Subscriber>>>;
 
-/// Shards of the wake registry; two under loom, where each lock taken by a
-/// wake walk is a scheduling point the model checker must explore.
-const WAKE_SHARDS: usize = if cfg!(loom) { 2 } else { 64 };
+/// Shards of the registry; two under loom, where each lock taken by a walk
+/// is a scheduling point the model checker must explore. 256 otherwise: a
+/// walk that writes to sockets holds a shard for a few microseconds per
+/// subscriber, so at 100k subscribers a shard is ~400 of them (about 1 ms).
+const WAKE_SHARDS: usize = if cfg!(loom) { 2 } else { 256 };
 
 impl WakeRegistry {
     fn new() -> Self {
@@ -449,9 +522,9 @@ impl WakeRegistry {
         }
     }
 
-    fn insert(&self, waker: Arc<AtomicWaker>) -> (usize, usize) {
+    fn insert(&self, subscriber: Arc<dyn Subscriber>) -> (usize, usize) {
         let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % WAKE_SHARDS;
-        let key = self.shards[shard].lock().insert(waker);
+        let key = self.shards[shard].lock().insert(subscriber);
         self.len.fetch_add(1, Ordering::Relaxed);
         (shard, key)
     }
@@ -463,14 +536,6 @@ impl WakeRegistry {
 
     fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
-    }
-
-    fn wake_all(&self) {
-        for shard in self.shards.iter() {
-            for (_, waker) in shard.lock().iter() {
-                waker.wake();
-            }
-        }
     }
 }
 

@@ -266,7 +266,7 @@ impl ProducerConfig {
 }
 
 /// Runs `mode`'s producer until `cancel` fires. After each publish it pokes
-/// `wake` (see [`run_waker`]) instead of walking the subscribers itself, so
+/// `wake` (the server's ring walkers) instead of walking the subscribers itself, so
 /// the batch timer never waits on a 100k-task wake. `batcher` says where it
 /// starts; make it with the same `clock` (and the ring with
 /// [`Ring::starting_at`] its [`Batcher::next_seq`]).
@@ -312,17 +312,6 @@ pub async fn run_producer(
         }
         if published {
             wake.notify_one();
-        }
-    }
-}
-
-/// Wakes `ring`'s subscribers each time `wake` is notified. Notifications
-/// that arrive while a walk is running coalesce into one more walk.
-pub async fn run_waker(ring: Arc<Ring>, wake: Arc<Notify>, cancel: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = wake.notified() => ring.wake_all(),
         }
     }
 }

@@ -188,3 +188,49 @@ async fn a_window_over_one_mebibyte_is_split_into_contiguous_batches() {
     );
     server.stop().await;
 }
+
+/// Large batches into a small send buffer, read in bursts with pauses: the
+/// ring walk writes batches partly and the connection's task finishes them,
+/// while HEARTBEAT replies join the same stream. Every frame must arrive
+/// whole (take_frame checks the CRC) and every batch in sequence.
+#[tokio::test]
+async fn batches_stay_whole_and_in_order_when_the_socket_fills_between_reads() {
+    let mut cfg = config();
+    cfg.synthetic_rate = 100_000;
+    cfg.batch_window = Duration::from_millis(20);
+    cfg.send_buffer = 8 * 1024;
+    let server = start(cfg).await;
+    // A small receive window too, or loopback would take whole batches.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = RawClient::from_stream(socket.connect(server.addr).await.unwrap());
+    client.authenticate().await;
+    client.send(&subscribe_frame(Mode::Second)).await;
+    let mut next = client.recv().await.ack().next_seq;
+    let (mut batches, mut echoes) = (0, 0);
+    for round in 0..20 {
+        // A reader that looks away for a while: the socket fills up.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        client.send(&heartbeat_frame(round)).await;
+        let mut echoed = false;
+        while !echoed {
+            let frame = client.recv().await;
+            match frame.frame_type {
+                0x03 => {
+                    assert_eq!(frame.heartbeat().client_time_ms, round);
+                    echoed = true;
+                    echoes += 1;
+                }
+                _ => {
+                    let batch = frame.batch();
+                    assert_eq!(batch.first_seq, next, "batch {batches} out of sequence");
+                    next += batch.ticks.len() as u64;
+                    batches += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(echoes, 20);
+    assert!(batches >= 20, "only {batches} batches in 20 rounds");
+    server.stop().await;
+}

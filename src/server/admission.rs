@@ -49,6 +49,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::conn::{self, Outgoing};
+use super::direct::WalkWritable;
 use super::Shared;
 use crate::auth::AddrKey;
 use crate::config::Config;
@@ -458,7 +459,7 @@ async fn handshake_then_serve(
 /// authenticated) delivery, then the close.
 async fn serve<S>(stream: S, start: Start, shared: &Arc<Shared>, gate: &Gate)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + WalkWritable,
 {
     let Start {
         peer,

@@ -8,6 +8,10 @@
 //! Control replies are queued behind data already queued, so they interleave
 //! at frame boundaries. The timer sleeps until [`Session::deadline`]; every
 //! timer rule is the session's.
+//!
+//! While the task waits with nothing queued, the ring's walk delivers new
+//! batches to a plain TCP connection itself, without waking the task
+//! ([`direct`](super::direct)); the cursors are shared with it.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -22,13 +26,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::direct::{Delivery, Detach, Position, WalkWritable};
 use super::Shared;
 use crate::connection::{Connection, ReadError, MAX_IOVECS};
 use crate::error::{ErrorCode, SessionError};
 use crate::frame::{self, Frame};
 use crate::metrics::{self as m};
 use crate::proto::Mode;
-use crate::ring::{self, AtomicWaker, Cursor, Entry, Read, Registration, Ring};
+use crate::ring::{self, Entry, Read, Registration, Ring};
 use crate::session::{Outcome, Session};
 use crate::tick;
 
@@ -65,44 +70,59 @@ pub(super) async fn deliver<S>(
     shared: &Arc<Shared>,
 ) -> Option<SessionError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + WalkWritable,
 {
     let mut subs: [Option<Subscription>; 2] = [None, None];
-    let waker = Arc::new(AtomicWaker::new());
+    let delivery = Arc::new(Delivery::new(conn.get_ref().walk_socket(), conn_id));
+    // However we return (the stream is closed after), the walk has
+    // stopped using our socket by then, whatever still holds `delivery`.
+    let _detach = Detach(&delivery);
     let mut timer = pin!(tokio::time::sleep_until(session.deadline()));
-    let mut cancelled = pin!(shared.shutdown.cancelled());
+    // Made (and boxed) only while the connection has no subscription: most
+    // connections subscribe at once and never pay for it.
+    let mut cancelled = None;
 
     loop {
         let event = poll_fn(|cx| {
+            // The walk writes for us only while we wait with nothing queued:
+            // from here until we park again, it wakes us instead.
+            let mut state = delivery.state.lock();
+            state.parked_empty = false;
+            if let Some(rest) = state.rest.take() {
+                // The end of a batch the walk wrote partly: first in line
+                // (the queue was empty when the walk wrote).
+                conn.enqueue(Outgoing::Control(*rest));
+            }
             // A subscriber learns of shutdown from its rings (one atomic load
             // per wake); only a connection without a subscription polls the
             // shared token, whose every poll locks two contended mutexes.
-            let subscribed = subs.iter().any(Option::is_some);
-            if !subscribed && cancelled.as_mut().poll(cx).is_ready() {
+            let is_subscribed = subs.iter().any(Option::is_some);
+            if is_subscribed {
+                cancelled = None;
+            } else if cancelled
+                .get_or_insert_with(|| Box::pin(shared.shutdown.clone().cancelled_owned()))
+                .as_mut()
+                .poll(cx)
+                .is_ready()
+            {
                 return Poll::Ready(Event::Shutdown);
             }
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Timeout);
             }
-            if let Some(event) = pump_data(cx, conn, &mut subs, &waker, shared, conn_id) {
-                return Poll::Ready(event);
-            }
-            // After pump_data registered the waker: Ring::close stores, then wakes.
-            if subs.iter().flatten().any(|sub| sub.ring.is_closed()) {
-                return Poll::Ready(Event::Shutdown);
-            }
-            // Stop reading while replies pile up for a peer that does not
-            // read them: the queue stays bounded and the heartbeat timer
-            // eventually ends such a peer.
-            if conn.queued() <= MAX_IOVECS {
-                match conn.poll_read_frame(cx) {
-                    Poll::Ready(Ok(Some(frame))) => return Poll::Ready(Event::Frame(frame)),
-                    Poll::Ready(Ok(None)) => return Poll::Ready(Event::Closed),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ReadFailed(e)),
-                    Poll::Pending => {}
-                }
-            }
-            Poll::Pending
+            let poller = Poller {
+                subs: &mut subs,
+                positions: &mut state.positions,
+                delivery: &delivery,
+                shared,
+                conn_id,
+            };
+            let polled = poll_events(cx, conn, poller);
+            state.parked_empty = polled.is_pending()
+                && is_subscribed
+                && conn.queued() == 0
+                && subs.iter().flatten().all(|sub| sub.skip_below == 0);
+            polled
         })
         .await;
 
@@ -125,14 +145,16 @@ where
                         resume_from_seq,
                     }) => {
                         let (next_seq, regenerated) =
-                            subscribe(&mut subs, mode, resume_from_seq, &waker, shared);
+                            subscribe(&mut subs, mode, resume_from_seq, &delivery, shared);
                         conn.enqueue(Outgoing::Control(shared.fleet.ack(mode, next_seq)));
                         if let Some(batch) = regenerated {
                             conn.enqueue(Outgoing::Control(batch));
                         }
                     }
                     Ok(Outcome::AlreadySubscribed { mode }) => {
-                        let next_seq = subs[mode as usize].as_ref().map_or(0, |sub| sub.next_tick_seq);
+                        let next_seq = delivery.state.lock().positions[mode as usize]
+                            .as_ref()
+                            .map_or(0, |position| position.next_tick_seq);
                         conn.enqueue(Outgoing::Control(shared.fleet.ack(mode, next_seq)));
                     }
                     Ok(Outcome::Heartbeat { reply }) => {
@@ -192,11 +214,13 @@ pub(super) async fn close<S>(
         conn.discard_unstarted();
     }
     conn.enqueue(Outgoing::Control(frame::encode_error(code, error.to_string())));
-    let graceful = tokio::time::timeout(CLOSE_GRACE, async {
+    // Boxed: it runs once, at the end, and inline its timer would make
+    // every connection's task larger for its whole life.
+    let graceful = Box::pin(tokio::time::timeout(CLOSE_GRACE, async {
         if conn.shutdown().await.is_ok() {
             conn.drain_input(CLOSE_DRAIN_LIMIT).await;
         }
-    })
+    }))
     .await;
     if graceful.is_err() {
         // The peer did not take our data in time (a slow consumer that
@@ -213,14 +237,14 @@ pub(super) async fn close<S>(
     }
 }
 
-/// A connection's subscription to one mode.
+/// A connection's subscription to one mode (its place in the ring is in
+/// the shared [`Delivery`] state).
 struct Subscription {
     ring: Arc<Ring>,
-    cursor: Cursor,
-    /// `first_seq` of the next batch this connection will queue.
-    next_tick_seq: u64,
     /// Ring batches below this tick are the client's already (a resume
-    /// ahead of our clock, [`tick::ResumePlan`]); 0 almost always.
+    /// ahead of our clock, [`tick::ResumePlan`]); 0 almost always, and set
+    /// to 0 once passed. Until then the walk may not write for us: only
+    /// this task skips.
     skip_below: u64,
     mode: Mode,
     _registration: Registration,
@@ -265,17 +289,23 @@ fn subscribe(
     subs: &mut [Option<Subscription>; 2],
     mode: Mode,
     resume_from_seq: Option<u64>,
-    waker: &Arc<AtomicWaker>,
+    delivery: &Arc<Delivery>,
     shared: &Shared,
 ) -> (u64, Option<Bytes>) {
     let ring = shared.rings[mode as usize].clone();
     let start = shared.fleet.start(&ring, mode, resume_from_seq);
     metrics::gauge!(m::SUBSCRIBERS, "mode" => tick::mode_label(mode)).increment(1.0);
-    let registration = ring.register(waker.clone());
-    subs[mode as usize] = Some(Subscription {
-        ring,
+    // The position first, then the registration: the walk never finds us
+    // registered without one. (It cannot write before our next poll either:
+    // `parked_empty` is false while we handle this SUBSCRIBE, so the ACK
+    // goes out first.)
+    delivery.state.lock().positions[mode as usize] = Some(Position {
         cursor: start.start.cursor,
         next_tick_seq: start.next_seq,
+    });
+    let registration = ring.register(delivery.clone());
+    subs[mode as usize] = Some(Subscription {
+        ring,
         skip_below: start.skip_below,
         mode,
         _registration: registration,
@@ -283,36 +313,90 @@ fn subscribe(
     (start.next_seq, start.regenerated)
 }
 
+/// Each subscription with its place in the ring.
+fn subscribed<'a>(
+    subs: &'a mut [Option<Subscription>; 2],
+    positions: &'a mut [Option<Position>; 2],
+) -> impl Iterator<Item = (&'a mut Subscription, &'a mut Position)> {
+    subs.iter_mut()
+        .zip(positions.iter_mut())
+        .filter_map(|(sub, position)| Some((sub.as_mut()?, position.as_mut()?)))
+}
+
+/// What one poll of a subscribed connection works on, under the delivery
+/// lock.
+struct Poller<'a> {
+    subs: &'a mut [Option<Subscription>; 2],
+    positions: &'a mut [Option<Position>; 2],
+    delivery: &'a Delivery,
+    shared: &'a Shared,
+    conn_id: u64,
+}
+
+/// One poll of the connection's data and input, under the delivery lock:
+/// data from the cursors to the socket, then client frames.
+fn poll_events<S>(
+    cx: &mut Context<'_>,
+    conn: &mut Connection<S, Outgoing>,
+    mut poller: Poller<'_>,
+) -> Poll<Event>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Some(event) = pump_data(cx, conn, &mut poller) {
+        return Poll::Ready(event);
+    }
+    let subs = poller.subs;
+    // After pump_data registered the waker: Ring::close stores, then wakes.
+    if subs.iter().flatten().any(|sub| sub.ring.is_closed()) {
+        return Poll::Ready(Event::Shutdown);
+    }
+    // Stop reading while replies pile up for a peer that does not read
+    // them: the queue stays bounded and the heartbeat timer eventually ends
+    // such a peer.
+    if conn.queued() <= MAX_IOVECS {
+        match conn.poll_read_frame(cx) {
+            Poll::Ready(Ok(Some(frame))) => return Poll::Ready(Event::Frame(frame)),
+            Poll::Ready(Ok(None)) => return Poll::Ready(Event::Closed),
+            Poll::Ready(Err(e)) => return Poll::Ready(Event::ReadFailed(e)),
+            Poll::Pending => {}
+        }
+    }
+    Poll::Pending
+}
+
 /// Moves data from the cursors to the socket until the socket is full or
 /// nothing is left. Returns an event only when the connection must end.
 fn pump_data<S>(
     cx: &mut Context<'_>,
     conn: &mut Connection<S, Outgoing>,
-    subs: &mut [Option<Subscription>; 2],
-    waker: &AtomicWaker,
-    shared: &Shared,
-    conn_id: u64,
+    poller: &mut Poller<'_>,
 ) -> Option<Event>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let (subs, positions) = (&mut *poller.subs, &mut *poller.positions);
+    let (delivery, shared, conn_id) = (poller.delivery, poller.shared, poller.conn_id);
     if subs.iter().any(Option::is_some) {
         // Register before reading `published`, so a publish after our last
         // check always wakes us.
-        waker.register(cx.waker());
+        delivery.waker.register(cx.waker());
     }
     // Per-wake figures (lag, frames per write) follow the same rule as the
     // latency sample, keyed by where the first cursor stands: every
     // connection contributes over time, one subscriber alone included.
     let every = shared.latency_sample;
-    let sampled_wake = subs
+    let sampled_wake = positions
         .iter()
         .flatten()
         .next()
-        .is_some_and(|sub| ring::is_sample(sub.cursor.position(), conn_id, every));
+        .is_some_and(|position| ring::is_sample(position.cursor.position(), conn_id, every));
     if sampled_wake {
-        for sub in subs.iter().flatten() {
-            shared.metrics.writer_lag.record(sub.ring.lag(&sub.cursor) as f64);
+        for (sub, position) in subscribed(subs, positions) {
+            shared
+                .metrics
+                .writer_lag
+                .record(sub.ring.lag(&position.cursor) as f64);
         }
     }
     let (mut frames, mut bytes) = (0u64, 0u64);
@@ -323,19 +407,22 @@ where
             cx.waker().wake_by_ref();
             break;
         }
-        for sub in subs.iter_mut().flatten() {
+        for (sub, position) in subscribed(subs, positions) {
             while conn.queued() < MAX_IOVECS {
-                match sub.ring.read(&mut sub.cursor) {
+                match sub.ring.read(&mut position.cursor) {
                     Read::Entry(entry) if entry.first_tick_seq < sub.skip_below => {
                         if entry.next_tick_seq > sub.skip_below {
                             let tail = sub.skip_below..entry.next_tick_seq;
-                            sub.next_tick_seq = entry.next_tick_seq;
+                            position.next_tick_seq = entry.next_tick_seq;
                             conn.enqueue(Outgoing::Control(shared.fleet.regenerate(sub.mode, tail)));
+                            // Every later batch starts past the resume point.
+                            sub.skip_below = 0;
                         }
                     }
                     Read::Entry(entry) => {
-                        sub.next_tick_seq = entry.next_tick_seq;
+                        position.next_tick_seq = entry.next_tick_seq;
                         conn.enqueue(Outgoing::Data(entry));
+                        sub.skip_below = 0;
                     }
                     Read::Empty => break,
                     Read::Lagged => return Some(Event::Lagged),
@@ -343,7 +430,7 @@ where
             }
             // A writer stuck on a full socket never reads past its queue:
             // check the lap here too, or a stuck peer would never be told.
-            if sub.ring.is_lapped(&sub.cursor) {
+            if sub.ring.is_lapped(&position.cursor) {
                 return Some(Event::Lagged);
             }
         }

@@ -11,6 +11,7 @@
 
 mod admission;
 mod conn;
+mod direct;
 mod fleet;
 
 use std::io;
@@ -115,6 +116,9 @@ pub async fn run_with_reload(
     let metrics = Metrics::new();
     let clock = WallClock::from_env();
     let fleet = Fleet::new(&config, clock.clone());
+    // One walk part per runtime worker: a publish to 100k subscribers is
+    // written by every core at once.
+    let walk_parts = tokio::runtime::Handle::current().metrics().num_workers();
     let rings = [Mode::Second, Mode::Minute].map(|mode| {
         let producer = ProducerConfig {
             mode,
@@ -131,7 +135,14 @@ pub async fn run_with_reload(
             wake.clone(),
             shutdown.clone(),
         ));
-        tracker.spawn(tick::run_waker(ring.clone(), wake, shutdown.clone()));
+        let walker = direct::Walker {
+            ring: ring.clone(),
+            slot: mode as usize,
+            parts: walk_parts,
+            metrics: metrics.clone(),
+            sample_every: config.latency_sample,
+        };
+        tracker.spawn(walker.run(wake, shutdown.clone()));
         ring
     });
     // Subscribers watch their rings for shutdown (see conn.rs): close them.

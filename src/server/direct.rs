@@ -1,0 +1,563 @@
+//! Delivery from the walk: the thread that walks a ring's subscribers after
+//! a publish writes the new batch to each plain-TCP subscriber itself, with
+//! one non-blocking `send(2)`, and wakes the connection's task only when it
+//! cannot (TLS, a full socket, a partial write, a lapped cursor, something
+//! queued by the task).
+//!
+//! Why: at clock rates a delivery is one small frame to a socket that is
+//! almost always writable, and the kernel's send is the only work it needs.
+//! Waking a task to do it costs a wake, a scheduler pass and a poll per
+//! connection per batch; the walk was already visiting each connection to
+//! wake it. The design card's shape holds: the batch is encoded once, read
+//! by cursor (the cursors live here, shared by the task and the walk), sent
+//! with one (vectored) write, and nothing is queued per client.
+//!
+//! # Who may write
+//!
+//! A connection's socket has two writers, its task and the walk, and they
+//! take turns under [`Delivery::state`]'s lock. The walk writes only while
+//! the task is parked with nothing queued or half written
+//! ([`State::parked_empty`]): frames never interleave, control replies keep
+//! their place, and an ACK always precedes the data it announces (the task
+//! clears the flag before it handles any frame). The walk never waits for
+//! the lock: a connection whose task holds it is woken instead, and that
+//! task registered its waker before its last look at the ring, so it sees
+//! the batch either way.
+//!
+//! The walk sends on the socket's descriptor directly, not through tokio:
+//! the per-connection work is then what the kernel's send costs plus one
+//! uncontended lock, with no tokio readiness state to touch. A full socket
+//! (`EAGAIN`) is left to the task, whose own write finds it full and
+//! registers for writability. The descriptor stays valid because the task
+//! takes it away ([`Delivery::detach`]) under the same lock before its
+//! stream can close.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::proxy::Prefixed;
+use crate::ring::{AtomicWaker, Cursor, Entry, Read, Ring, Subscriber, Walk};
+
+/// Most batches one walk gathers into one write for a connection that fell
+/// a few batches behind (a slow walk at a high batch rate); further behind,
+/// its task catches up.
+const MAX_WALK_GATHER: usize = 8;
+
+/// A stream the walk may write to: plain TCP yes (its socket), TLS no (a
+/// record needs the connection's own rustls state, which only its task
+/// holds).
+pub(super) trait WalkWritable {
+    fn walk_socket(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+impl WalkWritable for Prefixed<TcpStream> {
+    fn walk_socket(&self) -> Option<RawFd> {
+        Some(self.get_ref().as_raw_fd())
+    }
+}
+
+impl<S> WalkWritable for tokio_rustls::server::TlsStream<S> {}
+
+/// A connection's delivery state, registered with each ring it subscribes to.
+pub(super) struct Delivery {
+    /// Wakes the connection's task.
+    pub(super) waker: AtomicWaker,
+    conn_id: u64,
+    pub(super) state: Mutex<State>,
+}
+
+/// What the task and the walk share, under [`Delivery::state`]'s lock.
+#[derive(Default)]
+pub(super) struct State {
+    /// The connection's socket, while the walk may use it: set by
+    /// [`Delivery::new`] for plain TCP, cleared by [`Delivery::detach`]
+    /// before the socket can close. `None` (TLS, or detached): the walk only
+    /// wakes the task.
+    socket: Option<RawFd>,
+    /// The task waits with nothing queued and nothing half written: the
+    /// walk may write. Set by the task only when its poll ends `Pending`
+    /// with an empty queue, cleared by it on every wake.
+    pub(super) parked_empty: bool,
+    /// Per mode: where the connection stands in that mode's ring (the
+    /// walk of mode `m`'s ring has [`Walk::slot`] `m`).
+    pub(super) positions: [Option<Position>; 2],
+    /// The unwritten end of a batch the walk wrote partly: the task writes
+    /// it before anything else. Boxed: rare, and every connection has one.
+    pub(super) rest: Option<Box<Bytes>>,
+}
+
+/// A connection's place in one mode's ring.
+pub(super) struct Position {
+    pub(super) cursor: Cursor,
+    /// `first_seq` of the next batch this connection will send.
+    pub(super) next_tick_seq: u64,
+}
+
+impl Delivery {
+    /// The delivery state of connection `conn_id`, whose socket (plain TCP)
+    /// the walk may write to until [`Delivery::detach`].
+    pub(super) fn new(socket: Option<RawFd>, conn_id: u64) -> Delivery {
+        Delivery {
+            waker: AtomicWaker::new(),
+            conn_id,
+            state: Mutex::new(State {
+                socket,
+                ..State::default()
+            }),
+        }
+    }
+
+    /// Takes the socket away from the walk. The task calls it (through
+    /// [`Detach`]) before its stream can be dropped: the walk writes only
+    /// under the lock, so after this returns it never touches the socket
+    /// again, whatever still holds this `Delivery`.
+    pub(super) fn detach(&self) {
+        self.state.lock().socket = None;
+    }
+
+    fn wake(&self, walk: &mut Walk) {
+        self.waker.wake();
+        walk.woken += 1;
+    }
+}
+
+/// Detaches a [`Delivery`] when dropped: on every way out of the delivery
+/// loop, panics included.
+pub(super) struct Detach<'a>(pub(super) &'a Delivery);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
+impl Subscriber for Delivery {
+    fn on_publish(&self, ring: &Ring, walk: &mut Walk) {
+        let Some(mut state) = self.state.try_lock() else {
+            // The task is running and will see the batch (module docs).
+            return self.wake(walk);
+        };
+        if let Some(socket) = state.socket.filter(|_| state.parked_empty) {
+            // SAFETY: `socket` is the open descriptor of this connection's
+            // TCP stream. It stays open while it is in `state.socket`: the
+            // task clears it under this lock (`detach`, run by a guard in
+            // the delivery loop) before the stream can be dropped, and we
+            // hold the lock until our write is done.
+            #[allow(unsafe_code)]
+            let socket = unsafe { BorrowedFd::borrow_raw(socket) };
+            if write_from_walk(&mut state, socket, ring, self.conn_id, walk) {
+                return;
+            }
+        }
+        state.parked_empty = false;
+        drop(state);
+        self.wake(walk);
+    }
+}
+
+/// One non-blocking send of `bufs` (a single `send(2)` for one buffer).
+fn send(socket: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    let socket = socket2::SockRef::from(&socket);
+    match bufs {
+        [one] => socket.send(one),
+        _ => socket.send_vectored(bufs),
+    }
+}
+
+/// Writes what `ring` holds after the connection's cursor to `socket`.
+/// `false` when the task must take over (nothing was written, or only part).
+fn write_from_walk(
+    state: &mut State,
+    socket: BorrowedFd<'_>,
+    ring: &Ring,
+    conn_id: u64,
+    walk: &mut Walk,
+) -> bool {
+    // Closed: the task must see it (a close walks with slot 0 whatever
+    // the ring, so this comes before the position).
+    if ring.is_closed() {
+        return false;
+    }
+    let State { positions, rest, .. } = state;
+    let Some(position) = positions.get_mut(walk.slot).and_then(Option::as_mut) else {
+        return false;
+    };
+    // The common case, one new batch since the last walk: the entry the
+    // walker loaded once for everyone, borrowed (no load of the slot and no
+    // reference count touched per connection).
+    // (Moved out of the walk and back: pointer moves, no count.)
+    if let Some(latest) = walk.latest.take() {
+        let done = (latest.seq == position.cursor.position()).then(|| {
+            let written = send(socket, &[IoSlice::new(&latest.bytes)]);
+            account(
+                written,
+                std::slice::from_ref(&latest),
+                position,
+                rest,
+                conn_id,
+                walk,
+            )
+        });
+        walk.latest = Some(latest);
+        if let Some(done) = done {
+            return done;
+        }
+    }
+    let mut gathered: [Option<Arc<Entry>>; MAX_WALK_GATHER] = Default::default();
+    let mut count = 0;
+    let mut cursor = position.cursor;
+    while count < MAX_WALK_GATHER {
+        match ring.read(&mut cursor) {
+            Read::Entry(entry) => {
+                gathered[count] = Some(entry);
+                count += 1;
+            }
+            Read::Empty => break,
+            Read::Lagged => return false,
+        }
+    }
+    let entries = || gathered[..count].iter().flatten();
+    if entries().next().is_none() {
+        // Nothing new for us (a walk for the other ring's batch, already
+        // written): nothing to do, and no reason to wake the task.
+        return true;
+    }
+    if ring.lag(&cursor) > 0 && count == MAX_WALK_GATHER {
+        // Far behind: the task catches up in larger writes.
+        return false;
+    }
+    let mut slices = [IoSlice::new(&[]); MAX_WALK_GATHER];
+    for (slice, entry) in slices.iter_mut().zip(entries()) {
+        *slice = IoSlice::new(&entry.bytes);
+    }
+    let written = send(socket, &slices[..count]);
+    let gathered: Vec<Arc<Entry>> = entries().cloned().collect();
+    account(written, &gathered, position, rest, conn_id, walk)
+}
+
+/// Moves the connection's position past what `written` says went out of
+/// `entries` (written in this order), leaving a partly written batch's end
+/// in `rest`. `true` when all of it went out.
+fn account(
+    written: io::Result<usize>,
+    entries: &[Arc<Entry>],
+    position: &mut Position,
+    rest: &mut Option<Box<Bytes>>,
+    conn_id: u64,
+    walk: &mut Walk,
+) -> bool {
+    // WouldBlock (the task's own write then finds the socket full, and
+    // tokio registers it for writability), an error (the task's write sees
+    // it too) or 0.
+    let Ok(mut written) = written else {
+        return false;
+    };
+    if written == 0 {
+        return false;
+    }
+    for entry in entries {
+        let len = entry.bytes.len();
+        position.cursor = Cursor::after(entry);
+        position.next_tick_seq = entry.next_tick_seq;
+        if written < len {
+            *rest = Some(Box::new(entry.bytes.slice(written..)));
+            walk.bytes += written as u64;
+            return false;
+        }
+        written -= len;
+        walk.frames += 1;
+        walk.bytes += len as u64;
+        if entry.is_latency_sample(conn_id, walk.sample_every) {
+            walk.latencies.push(entry.encoded_at.elapsed());
+        }
+    }
+    true
+}
+
+/// One ring's walker: what each part of a walk needs.
+#[derive(Clone)]
+pub(super) struct Walker {
+    pub(super) ring: Arc<Ring>,
+    /// The ring's mode, as an index into each connection's positions.
+    pub(super) slot: usize,
+    /// Tasks sharing each walk: one per runtime worker, so a 100k walk uses
+    /// every core.
+    pub(super) parts: usize,
+    pub(super) metrics: Metrics,
+    pub(super) sample_every: u64,
+}
+
+impl Walker {
+    /// Walks the ring after each publish `wake` announces, in
+    /// [`Walker::parts`] tasks that split the registry between them, until
+    /// `cancel` fires. Notifications that arrive while a walk is running
+    /// coalesce into one more walk.
+    pub(super) async fn run(self, wake: Arc<Notify>, cancel: CancellationToken) {
+        let parts = self.parts.max(1);
+        let helpers: Vec<Arc<Notify>> = (1..parts).map(|_| Arc::new(Notify::new())).collect();
+        for (index, notify) in helpers.iter().enumerate() {
+            tokio::spawn(self.clone().run_part(index + 1, notify.clone(), cancel.clone()));
+        }
+        let fan_out = async {
+            loop {
+                wake.notified().await;
+                helpers.iter().for_each(|notify| notify.notify_one());
+                self.walk(0);
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = fan_out => {}
+        }
+    }
+
+    async fn run_part(self, part: usize, wake: Arc<Notify>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.notified() => self.walk(part),
+            }
+        }
+    }
+
+    fn walk(&self, part: usize) {
+        let mut walk = Walk {
+            slot: self.slot,
+            sample_every: self.sample_every,
+            latest: self.ring.latest(),
+            ..Walk::default()
+        };
+        self.ring.walk(part, self.parts.max(1), &mut walk);
+        if walk.frames > 0 {
+            self.metrics.messages_sent.add(walk.frames);
+        }
+        if walk.bytes > 0 {
+            self.metrics.bytes_sent.add(walk.bytes);
+        }
+        for latency in &walk.latencies {
+            self.metrics
+                .publish_latency
+                .record(latency.as_secs_f64() * 1000.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+    use std::time::Instant;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::ring::Publisher;
+
+    /// Counts how often the connection's task would have been woken.
+    struct CountingWake(AtomicUsize);
+
+    impl Wake for CountingWake {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    struct Fixture {
+        ring: Arc<Ring>,
+        publisher: Publisher,
+        delivery: Arc<Delivery>,
+        /// What the client reads.
+        peer: TcpStream,
+        /// The server's end, which the walk writes to.
+        _server_side: TcpStream,
+        wakes: Arc<CountingWake>,
+        _registration: crate::ring::Registration,
+    }
+
+    /// A delivery over a real loopback connection, subscribed live to a new
+    /// ring, its task parked with nothing queued (`parked`) or not.
+    async fn fixture(parked: bool) -> Fixture {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        // tokio learns the socket is writable from the reactor.
+        server_side.writable().await.unwrap();
+        let (ring, publisher) = Ring::new(16);
+        let delivery = Arc::new(Delivery::new(Some(server_side.as_raw_fd()), 7));
+        let start = ring.subscribe_live();
+        {
+            let mut state = delivery.state.lock();
+            state.positions[0] = Some(Position {
+                cursor: start.cursor,
+                next_tick_seq: start.next_tick_seq,
+            });
+            state.parked_empty = parked;
+        }
+        let wakes = Arc::new(CountingWake(AtomicUsize::new(0)));
+        delivery.waker.register(&Waker::from(wakes.clone()));
+        let registration = ring.register(delivery.clone());
+        Fixture {
+            ring,
+            publisher,
+            delivery,
+            peer,
+            _server_side: server_side,
+            wakes,
+            _registration: registration,
+        }
+    }
+
+    impl Fixture {
+        fn publish(&mut self, bytes: &'static [u8]) {
+            self.publisher
+                .publish(1, Bytes::from_static(bytes), Instant::now());
+        }
+
+        fn woken(&self) -> usize {
+            self.wakes.0.load(Ordering::SeqCst)
+        }
+
+        fn cursor(&self) -> u64 {
+            self.delivery.state.lock().positions[0]
+                .as_ref()
+                .unwrap()
+                .cursor
+                .position()
+        }
+
+        async fn read_exactly(&mut self, len: usize) -> Vec<u8> {
+            let mut got = vec![0; len];
+            self.peer.read_exact(&mut got).await.unwrap();
+            got
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_is_written_by_the_walk_without_a_wake() {
+        let mut f = fixture(true).await;
+        f.publish(b"first batch");
+        let walk = f.ring.wake_all();
+        assert_eq!((walk.frames, walk.bytes, walk.woken), (1, 11, 0));
+        assert_eq!(f.woken(), 0, "the task was not woken");
+        assert_eq!(f.cursor(), 1, "the shared cursor moved past the batch");
+        assert_eq!(f.read_exactly(11).await, b"first batch");
+        // A walk with nothing new (the other ring's publish) writes nothing
+        // and still wakes no one.
+        let walk = f.ring.wake_all();
+        assert_eq!((walk.frames, walk.woken), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_detached_connection_is_only_woken() {
+        let mut f = fixture(true).await;
+        f.delivery.detach();
+        f.publish(b"x");
+        let walk = f.ring.wake_all();
+        assert_eq!((walk.frames, walk.woken), (0, 1));
+        assert_eq!(f.cursor(), 0, "left to the task");
+    }
+
+    #[tokio::test]
+    async fn a_busy_task_is_woken_and_nothing_is_written_for_it() {
+        let mut f = fixture(false).await;
+        f.publish(b"x");
+        let walk = f.ring.wake_all();
+        assert_eq!((walk.frames, walk.woken), (0, 1));
+        assert_eq!(f.woken(), 1);
+        assert_eq!(f.cursor(), 0, "the task reads the batch itself");
+    }
+
+    #[tokio::test]
+    async fn a_walk_that_finds_the_lock_held_wakes_the_task() {
+        let mut f = fixture(true).await;
+        f.publish(b"x");
+        let held = f.delivery.state.lock();
+        let walk = f.ring.wake_all();
+        drop(held);
+        assert_eq!((walk.frames, walk.woken), (0, 1));
+        assert_eq!(f.cursor(), 0);
+    }
+
+    #[tokio::test]
+    async fn batches_missed_by_earlier_walks_go_out_in_one_write_in_order() {
+        let mut f = fixture(true).await;
+        f.publish(b"one,");
+        f.publish(b"two,");
+        f.publish(b"three");
+        let walk = f.ring.wake_all();
+        assert_eq!((walk.frames, walk.woken), (3, 0));
+        assert_eq!(f.cursor(), 3);
+        assert_eq!(f.read_exactly(13).await, b"one,two,three");
+    }
+
+    #[tokio::test]
+    async fn a_lapped_cursor_is_left_to_the_task() {
+        let mut f = fixture(true).await;
+        for _ in 0..17 {
+            f.publish(b"x");
+        }
+        let walk = f.ring.wake_all();
+        assert_eq!((walk.frames, walk.woken), (0, 1));
+        assert!(f
+            .ring
+            .is_lapped(&f.delivery.state.lock().positions[0].as_ref().unwrap().cursor));
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_plain_stream_is_only_woken() {
+        let (ring, mut publisher) = Ring::new(4);
+        let delivery = Arc::new(Delivery::new(None, 1));
+        let start = ring.subscribe_live();
+        delivery.state.lock().positions[0] = Some(Position {
+            cursor: start.cursor,
+            next_tick_seq: 0,
+        });
+        delivery.state.lock().parked_empty = true;
+        let _registration = ring.register(delivery.clone());
+        publisher.publish(1, Bytes::from_static(b"x"), Instant::now());
+        let walk = ring.wake_all();
+        assert_eq!((walk.frames, walk.woken), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_hands_the_batch_to_the_task_and_a_partial_write_its_rest() {
+        let mut f = fixture(true).await;
+        // A batch far larger than the loopback socket buffers: the walk
+        // writes what fits and leaves the rest, as bytes, to the task.
+        static BIG: [u8; 8 << 20] = [7; 8 << 20];
+        f.publish(&BIG);
+        let walk = f.ring.wake_all();
+        assert_eq!(
+            (walk.frames, walk.woken),
+            (0, 1),
+            "a partial write is not a frame"
+        );
+        let (written, rest) = {
+            let mut state = f.delivery.state.lock();
+            assert!(!state.parked_empty, "the task owns the socket now");
+            (walk.bytes as usize, *state.rest.take().expect("the rest is left"))
+        };
+        assert!(written > 0);
+        assert_eq!(written + rest.len(), BIG.len());
+        assert_eq!(f.cursor(), 1, "the cursor is past the partly written batch");
+        // The socket is full now: a further batch for a parked connection is
+        // not written (tokio saw WouldBlock) and its cursor stays.
+        f.delivery.state.lock().parked_empty = true;
+        f.publish(b"next");
+        let walk = f.ring.wake_all();
+        assert_eq!((walk.frames, walk.bytes, walk.woken), (0, 0, 1));
+        assert_eq!(f.cursor(), 1);
+        assert_eq!(f.read_exactly(written).await, vec![7; written]);
+    }
+}
