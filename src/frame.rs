@@ -131,8 +131,13 @@ pub fn decode(buf: &mut BytesMut, max_payload: u32) -> Result<Option<Frame>, Fra
     };
     let total = HEADER_LEN + payload_len + TRAILER_LEN;
     if buf.len() < total {
-        // Reserve only after the length passed its bound.
-        buf.reserve(total - buf.len());
+        // Only a client (a limit above what clients may send) reserves the
+        // rest ahead: it trusts its server, and a batch then arrives in few
+        // reads. A server's buffer grows with the bytes that arrived, so a
+        // peer that declares a frame and stops costs only what it sent.
+        if max_payload > MAX_CLIENT_PAYLOAD {
+            buf.reserve(total - buf.len());
+        }
         return Ok(None);
     }
     let payload = &buf[HEADER_LEN..HEADER_LEN + payload_len];
@@ -293,9 +298,12 @@ mod tests {
         let err = decode(&mut buf, MAX_CLIENT_PAYLOAD).unwrap_err();
         assert_eq!(err.code(), ErrorCode::FrameTooLarge);
         assert_eq!(buf.capacity(), before);
-        // Exactly the limit is allowed (it just waits for the bytes).
+        // Exactly the limit is allowed (it just waits for the bytes, and a
+        // server reserves nothing for them ahead).
         let mut buf = BytesMut::from(&[0x54, 0x4B, 0x01, 0x01, 0x00, 0x01, 0x00, 0x00][..]);
+        let before = buf.capacity();
         assert_eq!(decode(&mut buf, MAX_CLIENT_PAYLOAD), Ok(None));
+        assert_eq!(buf.capacity(), before);
     }
 
     #[test]

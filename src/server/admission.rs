@@ -32,10 +32,12 @@
 //!   handshake, and while AUTH waits for its check.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -140,46 +142,59 @@ pub(super) async fn accept_loop(
             }
         };
         tune_socket(&stream, config.send_buffer);
-        let shared = shared.clone();
-        let gate = gate.clone();
         let tls = tls.map(|tls| tls.current());
-        let deadline = accepted_at + shared.timing.auth_timeout;
-        let task = async move {
-            let _total = total;
-            let (stream, peer, addr) = match addr {
-                Some(addr) => (Prefixed::new(Bytes::new(), stream), peer, addr),
-                None => match behind_proxy(stream, peer, deadline, conn_id, &shared, &gate).await {
-                    Some(admitted) => admitted,
-                    None => return,
-                },
-            };
-            let (addr_conn, addr_pending) = addr.split();
-            let _addr_conn = addr_conn;
-            let pending = Pending {
-                _global: pending,
-                _addr: addr_pending,
-            };
-            let start = Start {
-                peer,
-                conn_id,
-                accepted_at,
-                pending,
-            };
-            metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1.0);
-            match tls {
-                // Boxed: a TLS session's future is twice a plain one's, and an
-                // unboxed branch would make every plain connection's task that big.
-                Some(acceptor) => {
-                    Box::pin(handshake_then_serve(&acceptor, stream, start, &shared, &gate)).await
-                }
-                None => serve(stream, start, &shared, &gate).await,
+        match (addr, tls) {
+            // The common case spawns `serve` itself: a wrapper future would
+            // keep its own copy of all it hands on for the connection's life.
+            (Some(addr), None) => {
+                let start = Start::new(peer, conn_id, accepted_at, (total, pending, addr));
+                let stream = Prefixed::new(Bytes::new(), stream);
+                spawn_connection(
+                    tracker,
+                    conn_id,
+                    serve(stream, start, shared.clone(), gate.clone()),
+                );
             }
-            metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1.0);
-        };
-        #[cfg(feature = "otel")]
-        let task = tracing::Instrument::instrument(task, crate::telemetry::session_span(conn_id));
-        tracker.spawn(task);
+            (addr, tls) => {
+                let admitted = (total, pending, addr);
+                let (shared, gate) = (shared.clone(), gate.clone());
+                let task = async move {
+                    let (total, pending, addr) = admitted;
+                    let deadline = accepted_at + shared.timing.auth_timeout;
+                    let (stream, peer, addr) = match addr {
+                        Some(addr) => (Prefixed::new(Bytes::new(), stream), peer, addr),
+                        None => match behind_proxy(stream, peer, deadline, conn_id, &shared, &gate).await {
+                            Some(admitted) => admitted,
+                            None => return,
+                        },
+                    };
+                    let start = Start::new(peer, conn_id, accepted_at, (total, pending, addr));
+                    match tls {
+                        // Boxed: a TLS session's future is twice a plain one's,
+                        // and PROXY-only connections share this task type.
+                        Some(acceptor) => {
+                            Box::pin(handshake_then_serve(&acceptor, stream, start, &shared, &gate)).await
+                        }
+                        None => serve(stream, start, shared, gate).await,
+                    }
+                };
+                spawn_connection(tracker, conn_id, task);
+            }
+        }
     }
+}
+
+/// Spawns a connection's task on `tracker` (inside its session span with
+/// the `otel` feature).
+fn spawn_connection<F>(tracker: &TaskTracker, conn_id: u64, task: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    #[cfg(feature = "otel")]
+    let task = tracing::Instrument::instrument(task, crate::telemetry::session_span(conn_id));
+    #[cfg(not(feature = "otel"))]
+    let _ = conn_id;
+    tracker.spawn(task);
 }
 
 /// Connections that may be unauthenticated at once: `--max-pending-auth`,
@@ -248,19 +263,55 @@ async fn reject<S: AsyncWrite + Unpin>(mut stream: S, refusal: Refusal) {
     .await;
 }
 
-/// What a connection brings from accept to its first protocol byte.
+/// What a connection brings from accept to its first protocol byte: who
+/// it is and the slots it holds.
 struct Start {
     peer: SocketAddr,
     conn_id: u64,
     accepted_at: Instant,
-    pending: Pending,
+    /// Its `--max-connections` slot, held for its whole life.
+    total: OwnedSemaphorePermit,
+    /// Its `--max-pending-auth` slot, released when AUTH succeeds.
+    pending: OwnedSemaphorePermit,
+    /// Its counts against its address, the pending one released when AUTH
+    /// succeeds.
+    addr: AddrSlot,
+    active: Active,
 }
 
-/// A connection's pending-AUTH slots, global and per address; released when
-/// AUTH succeeds (or the connection ends).
-struct Pending {
-    _global: OwnedSemaphorePermit,
-    _addr: AddrPending,
+impl Start {
+    fn new(
+        peer: SocketAddr,
+        conn_id: u64,
+        accepted_at: Instant,
+        (total, pending, addr): (OwnedSemaphorePermit, OwnedSemaphorePermit, AddrSlot),
+    ) -> Start {
+        Start {
+            peer,
+            conn_id,
+            accepted_at,
+            total,
+            pending,
+            addr,
+            active: Active::new(),
+        }
+    }
+}
+
+/// Counts a connection in `active_connections` while it lives.
+struct Active;
+
+impl Active {
+    fn new() -> Active {
+        metrics::gauge!(m::ACTIVE_CONNECTIONS).increment(1.0);
+        Active
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        metrics::gauge!(m::ACTIVE_CONNECTIONS).decrement(1.0);
+    }
 }
 
 /// Per-address state every connection task shares.
@@ -308,14 +359,17 @@ impl Gate {
         }
         count.connections += 1;
         count.pending += 1;
-        Ok(AddrSlot(Some((self.clone(), key))))
+        Ok(AddrSlot(Some(Counted {
+            gate: self.clone(),
+            key,
+            pending: true,
+        })))
     }
 
     fn release(&self, key: AddrKey, connection: bool, pending: bool) {
         let mut per_addr = self.per_addr.lock();
         if let Some(count) = per_addr.get_mut(&key) {
-            // Saturating: a task dropped at shutdown may release its two
-            // counts in either order.
+            // Saturating as a guard: a count never wraps.
             count.connections = count.connections.saturating_sub(usize::from(connection));
             count.pending = count.pending.saturating_sub(usize::from(pending));
             if count.connections == 0 && count.pending == 0 {
@@ -325,43 +379,34 @@ impl Gate {
     }
 }
 
-/// A connection and a pending AUTH counted against one address.
-struct AddrSlot(Option<(Arc<Gate>, AddrKey)>);
+/// A connection counted against its address, and a pending AUTH until
+/// [`AddrSlot::authenticated`]; released on drop. Empty without
+/// per-address limits. One value for both counts: it lives as long as the
+/// connection, so every byte of it is paid by every idle subscriber.
+struct AddrSlot(Option<Counted>);
+
+struct Counted {
+    gate: Arc<Gate>,
+    key: AddrKey,
+    /// The pending-AUTH count is still held.
+    pending: bool,
+}
 
 impl AddrSlot {
-    /// The two counts, to be released apart.
-    fn split(mut self) -> (AddrConn, AddrPending) {
-        let inner = self.0.take();
-        (AddrConn(inner.clone()), AddrPending(inner))
+    /// Releases the pending-AUTH count; the connection count stays.
+    fn authenticated(&mut self) {
+        if let Some(counted) = &mut self.0 {
+            if std::mem::take(&mut counted.pending) {
+                counted.gate.release(counted.key, false, true);
+            }
+        }
     }
 }
 
 impl Drop for AddrSlot {
     fn drop(&mut self) {
-        if let Some((gate, key)) = self.0.take() {
-            gate.release(key, true, true);
-        }
-    }
-}
-
-/// A connection counted against its address; released on drop.
-struct AddrConn(Option<(Arc<Gate>, AddrKey)>);
-
-impl Drop for AddrConn {
-    fn drop(&mut self) {
-        if let Some((gate, key)) = self.0.take() {
-            gate.release(key, true, false);
-        }
-    }
-}
-
-/// A pending AUTH counted against its address; released on drop.
-struct AddrPending(Option<(Arc<Gate>, AddrKey)>);
-
-impl Drop for AddrPending {
-    fn drop(&mut self) {
-        if let Some((gate, key)) = self.0.take() {
-            gate.release(key, false, true);
+        if let Some(counted) = self.0.take() {
+            counted.gate.release(counted.key, true, counted.pending);
         }
     }
 }
@@ -425,7 +470,7 @@ async fn handshake_then_serve(
     stream: Prefixed<TcpStream>,
     start: Start,
     shared: &Arc<Shared>,
-    gate: &Gate,
+    gate: &Arc<Gate>,
 ) {
     let (peer, conn_id) = (start.peer, start.conn_id);
     // The handshake runs on the connection's one deadline: a peer that never
@@ -441,7 +486,7 @@ async fn handshake_then_serve(
                 .get_mut()
                 .1
                 .set_buffer_limit(Some(tls::TLS_BUFFER_LIMIT));
-            serve(tls_stream, start, shared, gate).await;
+            serve(tls_stream, start, shared.clone(), gate.clone()).await;
         }
         Ok(Err(e)) => {
             metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "tls_handshake").increment(1);
@@ -457,71 +502,82 @@ async fn handshake_then_serve(
 
 /// The connection's life from its first byte of protocol: AUTH, then (once
 /// authenticated) delivery, then the close.
-async fn serve<S>(stream: S, start: Start, shared: &Arc<Shared>, gate: &Gate)
+///
+/// A plain `fn` around an `async move` block that works on what it captured
+/// in place: an `async fn` would keep each argument beside the locals made
+/// from it (rustc's layout), for the whole life of every connection. The
+/// phases (AUTH, delivery, close) are awaited one after another, so the
+/// task's future is the largest of them, not their sum: the AUTH phase is
+/// kept smaller than delivery ([`authenticate`]), so an unauthenticated
+/// connection costs no more than an idle subscriber.
+fn serve<S>(stream: S, start: Start, shared: Arc<Shared>, gate: Arc<Gate>) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + WalkWritable,
+    S: AsyncRead + AsyncWrite + Unpin + WalkWritable + Send + 'static,
 {
     let Start {
         peer,
         conn_id,
         accepted_at,
+        total,
         pending,
+        mut addr,
+        active,
     } = start;
-    // Fields of the session span (`otel` feature); no-ops without it.
-    let span = tracing::Span::current();
-    span.record("peer", tracing::field::display(peer));
     // Before AUTH a frame is an AUTH at most: a small limit, so a header
     // announcing 64 KiB cannot make an unauthenticated peer cost more.
     let mut conn: Connection<S, Outgoing> = Connection::new(stream, MAX_PRE_AUTH_PAYLOAD);
     let session_id = shared.session_salt ^ conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut session = Session::new(shared.timing, peer.ip(), session_id, accepted_at);
-    let mut user: Option<String> = None;
-    // Each phase's state lives in its own future, gone before the next one
-    // starts: the task's future is the largest phase, not their sum.
-    // Boxed: the AUTH phase's state (timers, the pending slots, the
-    // credential check) is freed once it is over, and never sits in the
-    // future of an idle authenticated connection.
-    let authenticated = Box::pin(authenticate(
-        &mut conn,
-        &mut session,
-        pending,
-        peer,
-        shared,
-        gate,
-        &mut user,
-    ))
-    .await;
-    let closing = match authenticated {
-        Ok(()) => {
-            let name = user.as_deref().unwrap_or("");
-            debug!(conn_id, %peer, user = name, "authenticated");
-            span.record("user", name);
+    async move {
+        // Fields of the session span (`otel` feature); no-ops without it.
+        tracing::Span::current().record("peer", tracing::field::display(peer));
+        let mut user: Option<String> = None;
+        // A labelled block, not a `match` on the AUTH result: a scrutinee
+        // would stay in the task's future through delivery.
+        let closing = 'phase: {
+            if let Err(closing) =
+                authenticate(&mut conn, &mut session, &peer, &shared, &gate, &mut user).await
+            {
+                break 'phase closing;
+            }
+            drop(pending);
+            addr.authenticated();
+            {
+                let name = user.as_deref().unwrap_or("");
+                debug!(conn_id, %peer, user = name, "authenticated");
+                tracing::Span::current().record("user", name);
+            }
             conn.set_max_payload(MAX_CLIENT_PAYLOAD);
-            conn::deliver(&mut conn, &mut session, conn_id, shared).await
-        }
-        Err(closing) => closing,
-    };
-    conn::close(
-        &mut conn,
-        closing,
-        peer,
-        conn_id,
-        user.as_deref().unwrap_or(""),
-        shared,
-    )
-    .await;
+            conn::deliver(&mut conn, &mut session, conn_id, &shared).await
+        };
+        conn::close(
+            &mut conn,
+            closing,
+            peer,
+            conn_id,
+            user.as_deref().unwrap_or(""),
+            &shared,
+        )
+        .await;
+        // Held to the end (and so moved into this future).
+        drop((total, addr, active));
+    }
 }
 
 /// Reads frames until the session is authenticated (`Ok`, with the AUTH ACK
-/// queued on `conn` and the `pending` slots released) or must end (`Err`:
-/// `Some(error)` to send before closing, `None` when the peer went away).
-/// `user` is the name the client gave, even on a failed AUTH (logged: which
-/// name a guesser tries).
+/// queued on `conn`) or must end (`Err`: `Some(error)` to send before
+/// closing, `None` when the peer went away). `user` is the name the client
+/// gave, even on a failed AUTH (logged: which name a guesser tries).
+///
+/// Its state is part of every connection's task (see [`serve`]), so it is
+/// kept small: one timer re-armed when the session moves its deadline, one
+/// shutdown wait, both polled by hand beside the read (a `select!` would
+/// hold a fresh timer per round and its own copy of each branch), and the
+/// rare credential check boxed.
 async fn authenticate<S>(
     conn: &mut Connection<S, Outgoing>,
     session: &mut Session,
-    pending: Pending,
-    peer: SocketAddr,
+    peer: &SocketAddr,
     shared: &Arc<Shared>,
     gate: &Gate,
     user: &mut Option<String>,
@@ -529,61 +585,82 @@ async fn authenticate<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut timer = pin!(tokio::time::sleep_until(session.deadline()));
     let mut cancelled = pin!(shared.shutdown.cancelled());
-    loop {
-        // read_frame is cancellation-safe: a partial frame stays buffered.
-        let read = tokio::select! {
-            biased;
-            _ = &mut cancelled => return Err(Some(SessionError::ServerShutdown)),
-            _ = tokio::time::sleep_until(session.deadline()) => None,
-            read = conn.read_frame() => Some(read),
-        };
-        let frame = match read {
-            None => {
-                session.on_timeout(Instant::now()).map_err(Some)?;
-                continue;
+    let attempt = loop {
+        // poll_read_frame keeps a partial frame buffered across polls.
+        let read = poll_fn(|cx| {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Some(SessionError::ServerShutdown)));
             }
-            Some(Ok(Some(frame))) => frame,
-            Some(Err(ReadError::Frame(e))) => return Err(Some(e.into())),
-            Some(Ok(None) | Err(_)) => return Err(None),
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(None));
+            }
+            conn.poll_read_frame(cx).map(|read| match read {
+                Ok(Some(frame)) => Ok(Some(frame)),
+                Err(ReadError::Frame(e)) => Err(Some(e.into())),
+                Ok(None) | Err(_) => Err(None),
+            })
+        })
+        .await?;
+        let Some(frame) = read else {
+            session.on_timeout(Instant::now()).map_err(Some)?;
+            timer.as_mut().reset(session.deadline());
+            continue;
         };
         if let Frame::Auth(auth) = &frame {
             *user = Some(auth.username.clone());
         }
-        let now = Instant::now();
-        let mut outcome = session.on_frame(
+        let outcome = session.on_frame(
             frame,
-            now,
+            Instant::now(),
             SystemTime::now(),
             &shared.credentials,
             &shared.limiter,
         );
-        if let Ok(Outcome::CheckCredentials(attempt)) = outcome {
-            let key = gate.key(peer.ip());
-            let checked = tokio::select! {
-                biased;
-                _ = &mut cancelled => return Err(Some(SessionError::ServerShutdown)),
-                // Boxed: rare, and as large as the rest of the task.
-                checked = Box::pin(check_credentials(attempt, key, session.deadline(), shared, gate)) => checked,
-            };
-            let Some((attempt, valid)) = checked else {
-                return Err(Some(session.timeout_error()));
-            };
-            outcome = session.on_credentials_checked(attempt, valid, Instant::now(), &shared.limiter);
+        match outcome {
+            Ok(Outcome::CheckCredentials(attempt)) => break attempt,
+            outcome => return end_of_auth(conn, user, outcome),
         }
-        return match outcome {
-            Ok(Outcome::Authenticated { user: name, ack }) => {
-                drop(pending);
-                *user = Some(name);
-                conn.enqueue(Outgoing::Control(ack));
-                Ok(())
-            }
-            // Before AUTH the session answers nothing else.
-            Ok(_) => Err(Some(SessionError::ProtocolViolation(
-                "unexpected outcome before AUTH",
-            ))),
-            Err(e) => Err(Some(e)),
-        };
+    };
+    let key = gate.key(peer.ip());
+    // Boxed: rare, and larger than the rest of the phase.
+    let mut check = Box::pin(check_credentials(attempt, key, session.deadline(), shared, gate));
+    let checked = poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Some(SessionError::ServerShutdown)));
+        }
+        check.as_mut().poll(cx).map(Ok)
+    })
+    .await?;
+    let Some((attempt, valid)) = checked else {
+        return Err(Some(session.timeout_error()));
+    };
+    let outcome = session.on_credentials_checked(attempt, valid, Instant::now(), &shared.limiter);
+    end_of_auth(conn, user, outcome)
+}
+
+/// The end of the AUTH phase for `outcome`: `Ok` with the ACK queued when
+/// the session is authenticated, else the error to close with.
+fn end_of_auth<S>(
+    conn: &mut Connection<S, Outgoing>,
+    user: &mut Option<String>,
+    outcome: Result<Outcome, SessionError>,
+) -> Result<(), Option<SessionError>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match outcome {
+        Ok(Outcome::Authenticated { user: name, ack }) => {
+            *user = Some(name);
+            conn.enqueue(Outgoing::Control(ack));
+            Ok(())
+        }
+        // Before AUTH the session answers nothing else.
+        Ok(_) => Err(Some(SessionError::ProtocolViolation(
+            "unexpected outcome before AUTH",
+        ))),
+        Err(e) => Err(Some(e)),
     }
 }
 
