@@ -154,7 +154,7 @@ where
                     Ok(Outcome::AlreadySubscribed { mode }) => {
                         let next_seq = delivery.state.lock().positions[mode as usize]
                             .as_ref()
-                            .map_or(0, |position| position.next_tick_seq);
+                            .map_or(0, Position::next_tick_seq);
                         conn.enqueue(Outgoing::Control(shared.fleet.ack(mode, next_seq)));
                     }
                     Ok(Outcome::Heartbeat { reply }) => {
@@ -299,10 +299,7 @@ fn subscribe(
     // registered without one. (It cannot write before our next poll either:
     // `parked_empty` is false while we handle this SUBSCRIBE, so the ACK
     // goes out first.)
-    delivery.state.lock().positions[mode as usize] = Some(Position {
-        cursor: start.start.cursor,
-        next_tick_seq: start.next_seq,
-    });
+    delivery.state.lock().positions[mode as usize] = Some(Position::new(start.start.cursor, start.next_seq));
     let registration = ring.register(delivery.clone());
     subs[mode as usize] = Some(Subscription {
         ring,
@@ -413,14 +410,14 @@ where
                     Read::Entry(entry) if entry.first_tick_seq < sub.skip_below => {
                         if entry.next_tick_seq > sub.skip_below {
                             let tail = sub.skip_below..entry.next_tick_seq;
-                            position.next_tick_seq = entry.next_tick_seq;
+                            position.set_next_tick_seq(entry.next_tick_seq);
                             conn.enqueue(Outgoing::Control(shared.fleet.regenerate(sub.mode, tail)));
                             // Every later batch starts past the resume point.
                             sub.skip_below = 0;
                         }
                     }
                     Read::Entry(entry) => {
-                        position.next_tick_seq = entry.next_tick_seq;
+                        position.set_next_tick_seq(entry.next_tick_seq);
                         conn.enqueue(Outgoing::Data(entry));
                         sub.skip_below = 0;
                     }

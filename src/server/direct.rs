@@ -33,6 +33,7 @@
 //! stream can close.
 
 use std::io::{self, IoSlice};
+use std::num::NonZeroU64;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
@@ -69,21 +70,27 @@ impl WalkWritable for Prefixed<TcpStream> {
 impl<S> WalkWritable for tokio_rustls::server::TlsStream<S> {}
 
 /// A connection's delivery state, registered with each ring it subscribes to.
+///
+/// `repr(C)`: what the walk touches for each connection (the lock, then
+/// [`State`]) comes first, in as few cache lines as it fits; the waker,
+/// rarely used by the walk, last.
+#[repr(C)]
 pub(super) struct Delivery {
+    pub(super) state: Mutex<State>,
     /// Wakes the connection's task.
     pub(super) waker: AtomicWaker,
-    conn_id: u64,
-    pub(super) state: Mutex<State>,
 }
 
-/// What the task and the walk share, under [`Delivery::state`]'s lock.
-#[derive(Default)]
+/// What the task and the walk share, under [`Delivery::state`]'s lock:
+/// 56 bytes, so the walk reads one connection's state from one or two
+/// cache lines.
+#[repr(C)]
 pub(super) struct State {
     /// The connection's socket, while the walk may use it: set by
     /// [`Delivery::new`] for plain TCP, cleared by [`Delivery::detach`]
-    /// before the socket can close. `None` (TLS, or detached): the walk only
-    /// wakes the task.
-    socket: Option<RawFd>,
+    /// before the socket can close. [`NO_SOCKET`] (TLS, or detached): the
+    /// walk only wakes the task.
+    socket: RawFd,
     /// The task waits with nothing queued and nothing half written: the
     /// walk may write. Set by the task only when its poll ends `Pending`
     /// with an empty queue, cleared by it on every wake.
@@ -94,13 +101,38 @@ pub(super) struct State {
     /// The unwritten end of a batch the walk wrote partly: the task writes
     /// it before anything else. Boxed: rare, and every connection has one.
     pub(super) rest: Option<Box<Bytes>>,
+    /// The connection's id, the key of its latency samples.
+    conn_id: u64,
 }
+
+/// [`State::socket`] when the walk may not write.
+const NO_SOCKET: RawFd = -1;
 
 /// A connection's place in one mode's ring.
 pub(super) struct Position {
     pub(super) cursor: Cursor,
+    /// `first_seq` of the next batch this connection will send, plus one:
+    /// never zero, so an `Option<Position>` takes no more room than a
+    /// `Position` (tick sequences never reach `u64::MAX`).
+    next_tick_seq_plus_one: NonZeroU64,
+}
+
+impl Position {
+    pub(super) fn new(cursor: Cursor, next_tick_seq: u64) -> Position {
+        Position {
+            cursor,
+            next_tick_seq_plus_one: NonZeroU64::MIN.saturating_add(next_tick_seq),
+        }
+    }
+
     /// `first_seq` of the next batch this connection will send.
-    pub(super) next_tick_seq: u64,
+    pub(super) fn next_tick_seq(&self) -> u64 {
+        self.next_tick_seq_plus_one.get() - 1
+    }
+
+    pub(super) fn set_next_tick_seq(&mut self, next_tick_seq: u64) {
+        self.next_tick_seq_plus_one = NonZeroU64::MIN.saturating_add(next_tick_seq);
+    }
 }
 
 impl Delivery {
@@ -108,12 +140,14 @@ impl Delivery {
     /// the walk may write to until [`Delivery::detach`].
     pub(super) fn new(socket: Option<RawFd>, conn_id: u64) -> Delivery {
         Delivery {
-            waker: AtomicWaker::new(),
-            conn_id,
             state: Mutex::new(State {
-                socket,
-                ..State::default()
+                socket: socket.unwrap_or(NO_SOCKET),
+                parked_empty: false,
+                positions: [None, None],
+                rest: None,
+                conn_id,
             }),
+            waker: AtomicWaker::new(),
         }
     }
 
@@ -122,7 +156,7 @@ impl Delivery {
     /// under the lock, so after this returns it never touches the socket
     /// again, whatever still holds this `Delivery`.
     pub(super) fn detach(&self) {
-        self.state.lock().socket = None;
+        self.state.lock().socket = NO_SOCKET;
     }
 
     fn wake(&self, walk: &mut Walk) {
@@ -147,7 +181,8 @@ impl Subscriber for Delivery {
             // The task is running and will see the batch (module docs).
             return self.wake(walk);
         };
-        if let Some(socket) = state.socket.filter(|_| state.parked_empty) {
+        if state.parked_empty && state.socket != NO_SOCKET {
+            let socket = state.socket;
             // SAFETY: `socket` is the open descriptor of this connection's
             // TCP stream. It stays open while it is in `state.socket`: the
             // task clears it under this lock (`detach`, run by a guard in
@@ -155,7 +190,7 @@ impl Subscriber for Delivery {
             // hold the lock until our write is done.
             #[allow(unsafe_code)]
             let socket = unsafe { BorrowedFd::borrow_raw(socket) };
-            if write_from_walk(&mut state, socket, ring, self.conn_id, walk) {
+            if write_from_walk(&mut state, socket, ring, walk) {
                 return;
             }
         }
@@ -176,19 +211,19 @@ fn send(socket: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
 
 /// Writes what `ring` holds after the connection's cursor to `socket`.
 /// `false` when the task must take over (nothing was written, or only part).
-fn write_from_walk(
-    state: &mut State,
-    socket: BorrowedFd<'_>,
-    ring: &Ring,
-    conn_id: u64,
-    walk: &mut Walk,
-) -> bool {
+fn write_from_walk(state: &mut State, socket: BorrowedFd<'_>, ring: &Ring, walk: &mut Walk) -> bool {
     // Closed: the task must see it (a close walks with slot 0 whatever
     // the ring, so this comes before the position).
     if ring.is_closed() {
         return false;
     }
-    let State { positions, rest, .. } = state;
+    let State {
+        positions,
+        rest,
+        conn_id,
+        ..
+    } = state;
+    let conn_id = *conn_id;
     let Some(position) = positions.get_mut(walk.slot).and_then(Option::as_mut) else {
         return false;
     };
@@ -268,7 +303,7 @@ fn account(
     for entry in entries {
         let len = entry.bytes.len();
         position.cursor = Cursor::after(entry);
-        position.next_tick_seq = entry.next_tick_seq;
+        position.set_next_tick_seq(entry.next_tick_seq);
         if written < len {
             *rest = Some(Box::new(entry.bytes.slice(written..)));
             walk.bytes += written as u64;
@@ -398,10 +433,7 @@ mod tests {
         let start = ring.subscribe_live();
         {
             let mut state = delivery.state.lock();
-            state.positions[0] = Some(Position {
-                cursor: start.cursor,
-                next_tick_seq: start.next_tick_seq,
-            });
+            state.positions[0] = Some(Position::new(start.cursor, start.next_tick_seq));
             state.parked_empty = parked;
         }
         let wakes = Arc::new(CountingWake(AtomicUsize::new(0)));
@@ -519,10 +551,7 @@ mod tests {
         let (ring, mut publisher) = Ring::new(4);
         let delivery = Arc::new(Delivery::new(None, 1));
         let start = ring.subscribe_live();
-        delivery.state.lock().positions[0] = Some(Position {
-            cursor: start.cursor,
-            next_tick_seq: 0,
-        });
+        delivery.state.lock().positions[0] = Some(Position::new(start.cursor, 0));
         delivery.state.lock().parked_empty = true;
         let _registration = ring.register(delivery.clone());
         publisher.publish(1, Bytes::from_static(b"x"), Instant::now());
