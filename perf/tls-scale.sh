@@ -5,15 +5,27 @@
 # set-ups per core-second); then N subscribers at RATE frames/s, its CPU per
 # delivered frame. Server pinned to CPU 0, `tickstream bench` to CPU 1.
 #
-#   perf/tls-scale.sh [-n N=3000] [-r RATE=100] [-d DURATION=10s]
+#   perf/tls-scale.sh [-n N=3000] [-r RATE=100] [-d DURATION=10s] [-w WARMUP=2s] [-c CONNECT_RATE=0] [-i] [-m]
 #
-# Certificates: a throwaway CA and a "localhost" server certificate made by
-# openssl in a temp directory.
+# -c: new connections per second (0 = all at once). At 19k all at once
+# overflow the listen backlog (4,096) while the server's core is busy with
+# handshakes, and some clients' SYNs time out: -c 2000 paces them.
+# -i: the idle runs only (RSS and set-up cost; no RATE runs). -m: mTLS, every
+# bench client presents a certificate the server's --tls-client-ca signed
+# (the server then keeps each peer's certificate for the connection's life).
+# N up to 19,000: server and bench each hold one fd per connection under
+# the 20,000 open-files limit; beyond that see perf/run-100k.sh --tls.
+#
+# Certificates: a throwaway CA, a "localhost" server certificate and a
+# client certificate, made by openssl in a temp directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=3000 rate=100 duration=10s
-while getopts "n:r:d:" opt; do
-    case $opt in n) n=$OPTARG ;; r) rate=$OPTARG ;; d) duration=$OPTARG ;; *) exit 2 ;; esac
+n=3000 rate=100 duration=10s warmup=2s connect_rate=0 idle_only=0 mtls=0
+while getopts "n:r:d:w:c:im" opt; do
+    case $opt in
+        n) n=$OPTARG ;; r) rate=$OPTARG ;; d) duration=$OPTARG ;; w) warmup=$OPTARG ;; c) connect_rate=$OPTARG ;;
+        i) idle_only=1 ;; m) mtls=1 ;; *) exit 2 ;;
+    esac
 done
 bin=./target/release/tickstream
 dir=$(mktemp -d)
@@ -25,6 +37,12 @@ openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=lo
 printf 'subjectAltName=DNS:localhost\n' > "$dir/ext"
 openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial -days 1 \
     -extfile "$dir/ext" -out "$dir/server.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=bench \
+    -keyout "$dir/client.key" -out "$dir/client.csr" 2>/dev/null
+# An X.509 v3 certificate (webpki refuses v1): the extension makes it one.
+printf 'extendedKeyUsage=clientAuth\n' > "$dir/client-ext"
+openssl x509 -req -in "$dir/client.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial -days 1 \
+    -extfile "$dir/client-ext" -out "$dir/client.pem" 2>/dev/null
 export TICKSTREAM_PASSWORD=secret TICKSTREAM_USERS=alice:secret
 
 cpu_s() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
@@ -37,28 +55,39 @@ measure() {
         tls_server=(--tls-cert "$dir/server.pem" --tls-key "$dir/server.key")
         tls_client=(--tls-ca "$dir/ca.pem")
         addr=localhost:$port
+        if (( mtls )); then
+            tls_server+=(--tls-client-ca "$dir/ca.pem")
+            tls_client+=(--tls-cert "$dir/client.pem" --tls-key "$dir/client.key")
+        fi
     fi
     (( r > 1 )) && synthetic=(--synthetic-rate "$r")
+    # All N may be mid-handshake at once (--connect-rate 0): the pending-AUTH
+    # cap is min(--max-pending-auth, --max-connections / 2), and a refused TLS
+    # client only sees its handshake cut; the open-files limit (20,000) is
+    # the real cap here. The one accept-to-AUTH deadline must cover the queue
+    # of N handshakes on one core (~2-4 s at 10k), so it is raised from 5 s.
     taskset -c 0 "$bin" serve --listen "127.0.0.1:$port" --metrics-listen off --log-level warn \
-        --max-connections 20000 --max-pending-auth-per-ip 0 "${tls_server[@]}" "${synthetic[@]}" >/dev/null 2>&1 &
+        --max-connections 40000 --max-pending-auth 20000 --max-pending-auth-per-ip 0 --auth-timeout 60s "${tls_server[@]}" "${synthetic[@]}" >/dev/null 2>&1 &
     local pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
     local before load line after
     before=$(cpu_s "$pid") load=$(cut -d' ' -f1 /proc/loadavg)
-    line=$(taskset -c 1 "$bin" bench --addr "$addr" --no-source-bind -n "$n" --connect-rate 0 \
-        --warmup 2s --duration "$duration" --server-pid "$pid" "${tls_client[@]}" 2>/dev/null) || true
+    line=$(taskset -c 1 "$bin" bench --addr "$addr" --no-source-bind -n "$n" --connect-rate "$connect_rate" \
+        --warmup "$warmup" --duration "$duration" --server-pid "$pid" "${tls_client[@]}" 2>/dev/null) || true
     after=$(cpu_s "$pid")
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    python3 - "$name" "$r" "$n" "$before" "$after" "$load" "$line" <<'PY'
+    python3 - "$name" "$r" "$n" "$before" "$after" "$load" "$line" "$mtls" <<'PY'
 import json, sys
-name, rate, n, before, after, load, line = sys.argv[1:]
+name, rate, n, before, after, load, line, mtls = sys.argv[1:]
 v = json.loads(line or '{"ok": false}')
 s = v.get("server") or {}
 # CPU outside the measured window: connection set-up (and the warmup's
 # deliveries, small next to it for idle runs) and teardown.
 setup_cpu = float(after) - float(before) - s.get("cpu_s", 0)
 print(json.dumps({
-    "transport": name, "rate": int(rate), "n": int(n), "ok": v.get("ok"), "load1": float(load),
+    "transport": name + ("+mtls" if name == "tls" and mtls == "1" else ""), "rate": int(rate), "n": int(n),
+    "ok": v.get("ok"), "connected": v.get("connected"), "failed": v.get("failed"), "gaps": v.get("gaps"),
+    "load1": float(load),
     "rss_bytes_per_connection": s.get("rss_bytes_per_connection"),
     "cpu_us_per_frame": s.get("cpu_us_per_frame"),
     "setup_cpu_ms_per_connection": round(setup_cpu * 1000 / int(n), 3),
@@ -69,6 +98,7 @@ PY
     sleep 2
 }
 
-echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) N=$n"
+echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) N=$n connect-rate=$connect_rate mtls=$mtls $(nproc) cores"
 for transport in plain tls; do measure "$transport" 1; done
+(( idle_only )) && exit 0
 for transport in plain tls; do measure "$transport" "$rate"; done

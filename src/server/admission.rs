@@ -478,16 +478,10 @@ async fn handshake_then_serve(
     let deadline = start.accepted_at + shared.timing.auth_timeout;
     let accepted = tokio::select! {
         _ = shared.shutdown.cancelled() => return,
-        accepted = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => accepted,
+        accepted = tokio::time::timeout_at(deadline, tls::accept(acceptor, stream)) => accepted,
     };
     match accepted {
-        Ok(Ok(mut tls_stream)) => {
-            tls_stream
-                .get_mut()
-                .1
-                .set_buffer_limit(Some(tls::TLS_BUFFER_LIMIT));
-            serve(tls_stream, start, shared.clone(), gate.clone()).await;
-        }
+        Ok(Ok(tls_stream)) => serve(tls_stream, start, shared.clone(), gate.clone()).await,
         Ok(Err(e)) => {
             metrics::counter!(m::CONNECTIONS_REJECTED_TOTAL, "reason" => "tls_handshake").increment(1);
             debug!(conn_id, %peer, cause = %e, "tls handshake failed");

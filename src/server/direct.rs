@@ -67,7 +67,7 @@ impl WalkWritable for Prefixed<TcpStream> {
     }
 }
 
-impl<S> WalkWritable for tokio_rustls::server::TlsStream<S> {}
+impl<S> WalkWritable for Box<tokio_rustls::server::TlsStream<S>> {}
 
 /// A connection's delivery state, registered with each ring it subscribes to.
 ///
