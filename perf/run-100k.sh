@@ -4,7 +4,14 @@
 # each capped below its fd limit, and `tickstream bench` spreads its clients
 # over worker processes bound to 127.0.0.2, 127.0.0.3, ...
 #
-#   [CONNECT_RATE=4000] perf/run-100k.sh [CONNECTIONS] [SERVERS] [DURATION]
+#   [CONNECT_RATE=4000] [TLS=1] [MODE=second] perf/run-100k.sh [CONNECTIONS] [SERVERS] [DURATION]
+#
+# CONNECT_RATE is per bench worker process (17,000 connections each: 6 at
+# 100k), so the total is six times it. MODE=minute subscribes to the minute
+# stream: connections held, one delivery each per minute.
+# TLS=1: every connection TLS 1.3 with its own handshake (perf/tls-certs.sh's
+# throwaway CA and "localhost" certificate); the servers get --tls-cert and
+# --tls-key, the bench --tls-ca and --tls-server-name localhost.
 #
 # Prints each server's RSS before and after, its CPU time over the run, and
 # the bench's one-line JSON (p50/p95/p99, gaps). Needs a release build:
@@ -23,13 +30,24 @@ PER_SERVER=$(( (N / SERVERS) * 11 / 10 + 100 ))   # headroom for uneven hashing
 [ -x "$BIN" ] || { echo "build first: cargo build --release --bin tickstream" >&2; exit 2; }
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+certs=$(mktemp -d)
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$certs"
+}
 trap cleanup EXIT
+tls_server=() tls_client=()
+if [ "${TLS:-0}" = 1 ]; then
+    perf/tls-certs.sh "$certs"
+    tls_server=(--tls-cert "$certs/server.pem" --tls-key "$certs/server.key")
+    tls_client=(--tls-ca "$certs/ca.pem" --tls-server-name localhost)
+fi
 
 for i in $(seq 1 "$SERVERS"); do
     TICKSTREAM_USERS=alice:secret "$BIN" serve --listen "127.0.0.1:$PORT" --reuse-port \
         --metrics-listen off --log-level warn --max-connections "$PER_SERVER" \
-        --max-pending-auth-per-ip 0 &
+        --max-pending-auth-per-ip 0 "${tls_server[@]}" &
     pids+=($!)
 done
 # Wait (bounded) until the port answers.
@@ -47,7 +65,8 @@ declare -A rss_max fds_max
 for p in "${pids[@]}"; do rss_max[$p]=0; fds_max[$p]=0; done
 start=$(date +%s)
 TICKSTREAM_PASSWORD=secret "$BIN" bench --addr "127.0.0.1:$PORT" -n "$N" --per-process 17000 \
-    --connect-rate "${CONNECT_RATE:-4000}" --warmup 3s --duration "$DURATION" > /tmp/run-100k.json &
+    --connect-rate "${CONNECT_RATE:-4000}" --warmup 3s --duration "$DURATION" --mode "${MODE:-second}" \
+    "${tls_client[@]}" > /tmp/run-100k.json &
 bench=$!
 # Sample each server's RSS and fds while the clients are connected (bounded: 15 min).
 for _ in $(seq 1 900); do
@@ -63,7 +82,7 @@ wait "$bench" || status=$?
 elapsed=$(( $(date +%s) - start ))
 hz=$(getconf CLK_TCK)
 
-echo "servers=$SERVERS connections=$N wall=${elapsed}s (connect + warmup + window)"
+echo "servers=$SERVERS connections=$N tls=${TLS:-0} mode=${MODE:-second} wall=${elapsed}s (connect + warmup + window)"
 total_delta=0
 for p in "${pids[@]}"; do
     cpu=$(( $(cpu_ticks "$p") - ${cpu0[$p]} ))

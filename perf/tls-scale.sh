@@ -5,8 +5,12 @@
 # set-ups per core-second); then N subscribers at RATE frames/s, its CPU per
 # delivered frame. Server pinned to CPU 0, `tickstream bench` to CPU 1.
 #
-#   perf/tls-scale.sh [-n N=3000] [-r RATE=100] [-d DURATION=10s] [-w WARMUP=2s] [-c CONNECT_RATE=0] [-i] [-m]
+#   perf/tls-scale.sh [-n N=3000] [-r RATE=100] [-d DURATION=10s] [-w WARMUP=12s] [-c CONNECT_RATE=0] [-i] [-m]
 #
+# -w: time between the last connection up and the RSS sample. 12 s outlasts
+# jemalloc's 10 s dirty-page decay, so the sample is what the idle
+# connections hold, not the handshakes' freed scratch (at 2 s an mTLS run
+# read 16.4-17.0 KB per connection, at 12 s 12.1 KB).
 # -c: new connections per second (0 = all at once). At 19k all at once
 # overflow the listen backlog (4,096) while the server's core is busy with
 # handshakes, and some clients' SYNs time out: -c 2000 paces them.
@@ -14,35 +18,23 @@
 # bench client presents a certificate the server's --tls-client-ca signed
 # (the server then keeps each peer's certificate for the connection's life).
 # N up to 19,000: server and bench each hold one fd per connection under
-# the 20,000 open-files limit; beyond that see perf/run-100k.sh --tls.
+# the 20,000 open-files limit; beyond that see `TLS=1 perf/run-100k.sh`.
 #
-# Certificates: a throwaway CA, a "localhost" server certificate and a
-# client certificate, made by openssl in a temp directory.
+# Certificates: perf/tls-certs.sh's, in a temp directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=3000 rate=100 duration=10s warmup=2s connect_rate=0 idle_only=0 mtls=0
+n=3000 rate=100 duration=10s warmup=12s connect_rate=0 idle_only=0 mtls=0
 while getopts "n:r:d:w:c:im" opt; do
     case $opt in
         n) n=$OPTARG ;; r) rate=$OPTARG ;; d) duration=$OPTARG ;; w) warmup=$OPTARG ;; c) connect_rate=$OPTARG ;;
         i) idle_only=1 ;; m) mtls=1 ;; *) exit 2 ;;
     esac
 done
-bin=./target/release/tickstream
+# TICKSTREAM_BIN: another build to measure (e.g. a copy of the previous commit's).
+bin=${TICKSTREAM_BIN:-./target/release/tickstream}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=ca \
-    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
-    -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
-printf 'subjectAltName=DNS:localhost\n' > "$dir/ext"
-openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial -days 1 \
-    -extfile "$dir/ext" -out "$dir/server.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=bench \
-    -keyout "$dir/client.key" -out "$dir/client.csr" 2>/dev/null
-# An X.509 v3 certificate (webpki refuses v1): the extension makes it one.
-printf 'extendedKeyUsage=clientAuth\n' > "$dir/client-ext"
-openssl x509 -req -in "$dir/client.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial -days 1 \
-    -extfile "$dir/client-ext" -out "$dir/client.pem" 2>/dev/null
+perf/tls-certs.sh "$dir"
 export TICKSTREAM_PASSWORD=secret TICKSTREAM_USERS=alice:secret
 
 cpu_s() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
@@ -76,20 +68,24 @@ measure() {
         --warmup "$warmup" --duration "$duration" --server-pid "$pid" "${tls_client[@]}" 2>/dev/null) || true
     after=$(cpu_s "$pid")
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    python3 - "$name" "$r" "$n" "$before" "$after" "$load" "$line" "$mtls" <<'PY'
+    python3 - "$name" "$r" "$n" "$before" "$after" "$load" "$line" "$mtls" "$warmup" <<'PY'
 import json, sys
-name, rate, n, before, after, load, line, mtls = sys.argv[1:]
+name, rate, n, before, after, load, line, mtls, warmup = sys.argv[1:]
 v = json.loads(line or '{"ok": false}')
 s = v.get("server") or {}
-# CPU outside the measured window: connection set-up (and the warmup's
-# deliveries, small next to it for idle runs) and teardown.
-setup_cpu = float(after) - float(before) - s.get("cpu_s", 0)
+# CPU outside the measured window: connection set-up and teardown, less the
+# warmup's deliveries (estimated at the window's CPU per frame; with -c the
+# deliveries while connecting still count).
+warmup_s = float(warmup.rstrip("s"))
+warmup_cpu = warmup_s * (v.get("frames_per_s") or 0) * (s.get("cpu_us_per_frame") or 0) / 1e6
+setup_cpu = float(after) - float(before) - s.get("cpu_s", 0) - warmup_cpu
 print(json.dumps({
     "transport": name + ("+mtls" if name == "tls" and mtls == "1" else ""), "rate": int(rate), "n": int(n),
-    "ok": v.get("ok"), "connected": v.get("connected"), "failed": v.get("failed"), "gaps": v.get("gaps"),
+    "ok": v.get("ok"), "connected": v.get("connected"), "failed": v.get("failed"), "errors": v.get("errors"), "gaps": v.get("gaps"),
     "load1": float(load),
     "rss_bytes_per_connection": s.get("rss_bytes_per_connection"),
-    "cpu_us_per_frame": s.get("cpu_us_per_frame"),
+    "cpu_us_per_frame": s.get("cpu_us_per_frame"), "frames_per_s": v.get("frames_per_s"),
+    "ticks_per_s": v.get("ticks_per_s"),
     "setup_cpu_ms_per_connection": round(setup_cpu * 1000 / int(n), 3),
     "latency_p50_ms": (v.get("latency_us") or {}).get("p50", 0) / 1000,
     "first_error": v.get("first_error"),
