@@ -39,6 +39,16 @@ export TICKSTREAM_PASSWORD=secret TICKSTREAM_USERS=alice:secret
 
 cpu_s() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
 
+# Connections closed by an earlier run sit in TIME_WAIT for 60 s, holding
+# loopback ports: a 19k run right after another finds too few of the 28k
+# ephemeral ports free ("Cannot assign requested address"). Bounded wait.
+await_time_wait() {
+    for _ in $(seq 70); do
+        (( $(ss -tan state time-wait "( sport = :$1 or dport = :$1 )" | wc -l) < 1000 )) && return
+        sleep 1
+    done
+}
+
 # measure NAME RATE: one server, one bench run; prints a JSON line.
 measure() {
     local name=$1 r=$2 port=17800 tls_server=() tls_client=() synthetic=() addr
@@ -53,6 +63,7 @@ measure() {
         fi
     fi
     (( r > 1 )) && synthetic=(--synthetic-rate "$r")
+    await_time_wait "$port"
     # All N may be mid-handshake at once (--connect-rate 0): the pending-AUTH
     # cap is min(--max-pending-auth, --max-connections / 2), and a refused TLS
     # client only sees its handshake cut; the open-files limit (20,000) is
