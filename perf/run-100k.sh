@@ -24,7 +24,7 @@ N=${1:-100000}
 SERVERS=${2:-6}
 DURATION=${3:-30s}
 PORT=${PORT:-7400}
-BIN=./target/release/tickstream
+BIN=${BIN:-./target/release/tickstream}
 PER_SERVER=$(( (N / SERVERS) * 11 / 10 + 100 ))   # headroom for uneven hashing
 [ "$PER_SERVER" -lt 19500 ] || { echo "need more servers: $PER_SERVER connections each" >&2; exit 2; }
 [ -x "$BIN" ] || { echo "build first: cargo build --release --bin tickstream" >&2; exit 2; }
@@ -47,7 +47,7 @@ fi
 for i in $(seq 1 "$SERVERS"); do
     TICKSTREAM_USERS=alice:secret "$BIN" serve --listen "127.0.0.1:$PORT" --reuse-port \
         --metrics-listen off --log-level warn --max-connections "$PER_SERVER" \
-        --max-pending-auth-per-ip 0 "${tls_server[@]}" &
+        --max-pending-auth-per-ip 0 --max-pending-auth "$((PER_SERVER / 2))" "${tls_server[@]}" &
     pids+=($!)
 done
 # Wait (bounded) until the port answers.

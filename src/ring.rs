@@ -338,10 +338,21 @@ impl Ring {
     /// is walked: a subscriber that registers or leaves meanwhile waits for
     /// that shard only.
     pub fn walk(&self, part: usize, parts: usize, walk: &mut Walk) {
-        for shard in self.wakers.shards.iter().skip(part).step_by(parts.max(1)) {
-            for (_, subscriber) in shard.lock().iter() {
-                subscriber.on_publish(self, walk);
-            }
+        for shard in (part..self.shards()).step_by(parts.max(1)) {
+            self.walk_shard(shard, walk);
+        }
+    }
+
+    /// How many shards the registry has (numbered from 0).
+    pub fn shards(&self) -> usize {
+        self.wakers.shards.len()
+    }
+
+    /// [`Ring::walk`] over one shard of the registry, for a walker that
+    /// lets other work run between shards.
+    pub fn walk_shard(&self, shard: usize, walk: &mut Walk) {
+        for (_, subscriber) in self.wakers.shards[shard].lock().iter() {
+            subscriber.on_publish(self, walk);
         }
     }
 
