@@ -131,6 +131,17 @@ where
         self.queue.push_back(item);
     }
 
+    /// Queues `item` whose first `written` bytes another writer of this
+    /// stream has already sent, so it is the frame in progress: the rest
+    /// goes out first, and [`Connection::discard_unstarted`] keeps it. The
+    /// queue must be empty (a frame cannot follow one in progress).
+    pub fn enqueue_started(&mut self, item: T, written: usize) {
+        debug_assert!(self.queue.is_empty(), "a started frame goes first");
+        debug_assert!(written < item.as_ref().len(), "a started frame has a rest");
+        self.queue.push_front(item);
+        self.front_offset = written;
+    }
+
     /// Frames queued and not completely written.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -317,6 +328,25 @@ mod tests {
         let stream = Builder::new().read(&a[..5]).build();
         let mut conn: Connection<_> = Connection::new(stream, MAX_CLIENT_PAYLOAD);
         assert!(matches!(conn.read_frame().await, Err(ReadError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn a_frame_started_elsewhere_is_finished_first_and_kept_by_a_discard() {
+        let frame = Bytes::from_static(b"0123456789");
+        let (client, mut server) = tokio::io::duplex(64);
+        let mut conn: Connection<_> = Connection::new(client, MAX_CLIENT_PAYLOAD);
+        conn.enqueue_started(frame, 4);
+        conn.enqueue(Bytes::from_static(b"next"));
+        conn.discard_unstarted();
+        assert_eq!(conn.queued(), 1, "the started frame stays, the rest goes");
+        conn.enqueue(Bytes::from_static(b"!"));
+        conn.flush().await.unwrap();
+        drop(conn);
+        let mut got = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut server, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(got, b"456789!");
     }
 
     #[tokio::test]

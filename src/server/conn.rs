@@ -88,10 +88,10 @@ where
             // from here until we park again, it wakes us instead.
             let mut state = delivery.state.lock();
             state.parked_empty = false;
-            if let Some(rest) = state.rest.take() {
-                // The end of a batch the walk wrote partly: first in line
-                // (the queue was empty when the walk wrote).
-                conn.enqueue(Outgoing::Control(*rest));
+            if let Some(started) = state.rest.take() {
+                // A batch the walk wrote partly: first in line (the queue
+                // was empty when the walk wrote), already started.
+                conn.enqueue_started(Outgoing::Data(started.entry), started.written);
             }
             // A subscriber learns of shutdown from its rings (one atomic load
             // per wake); only a connection without a subscription polls the

@@ -37,7 +37,6 @@ use std::num::NonZeroU64;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -103,11 +102,20 @@ pub(super) struct State {
     /// Per mode: where the connection stands in that mode's ring (the
     /// walk of mode `m`'s ring has [`Walk::slot`] `m`).
     pub(super) positions: [Option<Position>; 2],
-    /// The unwritten end of a batch the walk wrote partly: the task writes
-    /// it before anything else. Boxed: rare, and every connection has one.
-    pub(super) rest: Option<Box<Bytes>>,
+    /// A batch the walk wrote partly: the task writes the rest before
+    /// anything else, and counts it as started (a close keeps it, so the
+    /// peer never sees half a frame followed by another). Boxed: rare, and
+    /// every connection has one.
+    pub(super) rest: Option<Box<Started>>,
     /// The connection's id, the key of its latency samples.
     conn_id: u64,
+}
+
+/// A batch partly handed to the kernel by the walk.
+pub(super) struct Started {
+    pub(super) entry: Arc<Entry>,
+    /// Bytes of it already written.
+    pub(super) written: usize,
 }
 
 /// [`State::socket`] when the walk may not write.
@@ -287,12 +295,13 @@ fn write_from_walk(state: &mut State, socket: BorrowedFd<'_>, ring: &Ring, walk:
 
 /// Moves the connection's position past what `written` says went out of
 /// `entries` (written in this order), leaving a partly written batch's end
-/// in `rest`. `true` when all of it went out.
+/// in `rest` (its bytes and frame are counted by the task that finishes
+/// it). `true` when all of it went out.
 fn account(
     written: io::Result<usize>,
     entries: &[Arc<Entry>],
     position: &mut Position,
-    rest: &mut Option<Box<Bytes>>,
+    rest: &mut Option<Box<Started>>,
     conn_id: u64,
     walk: &mut Walk,
 ) -> bool {
@@ -310,8 +319,10 @@ fn account(
         position.cursor = Cursor::after(entry);
         position.set_next_tick_seq(entry.next_tick_seq);
         if written < len {
-            *rest = Some(Box::new(entry.bytes.slice(written..)));
-            walk.bytes += written as u64;
+            *rest = Some(Box::new(Started {
+                entry: entry.clone(),
+                written,
+            }));
             return false;
         }
         written -= len;
@@ -408,6 +419,7 @@ mod tests {
     use std::task::{Wake, Waker};
     use std::time::Instant;
 
+    use bytes::Bytes;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -578,22 +590,23 @@ mod tests {
     async fn a_full_socket_hands_the_batch_to_the_task_and_a_partial_write_its_rest() {
         let mut f = fixture(true).await;
         // A batch far larger than the loopback socket buffers: the walk
-        // writes what fits and leaves the rest, as bytes, to the task.
+        // writes what fits and leaves the batch, started, to the task.
         static BIG: [u8; 8 << 20] = [7; 8 << 20];
         f.publish(&BIG);
         let walk = f.ring.wake_all();
         assert_eq!(
-            (walk.frames, walk.woken),
-            (0, 1),
-            "a partial write is not a frame"
+            (walk.frames, walk.bytes, walk.woken),
+            (0, 0, 1),
+            "a partial write is counted by the task that finishes it"
         );
-        let (written, rest) = {
+        let written = {
             let mut state = f.delivery.state.lock();
             assert!(!state.parked_empty, "the task owns the socket now");
-            (walk.bytes as usize, *state.rest.take().expect("the rest is left"))
+            let started = state.rest.take().expect("the rest is left");
+            assert_eq!(started.entry.seq, 0);
+            started.written
         };
-        assert!(written > 0);
-        assert_eq!(written + rest.len(), BIG.len());
+        assert!(0 < written && written < BIG.len());
         assert_eq!(f.cursor(), 1, "the cursor is past the partly written batch");
         // The socket is full now: a further batch for a parked connection is
         // not written (tokio saw WouldBlock) and its cursor stays.
