@@ -247,14 +247,7 @@ fn write_from_walk(state: &mut State, socket: BorrowedFd<'_>, ring: &Ring, walk:
     if let Some(latest) = walk.latest.take() {
         let done = (latest.seq == position.cursor.position()).then(|| {
             let written = send(socket, &[IoSlice::new(&latest.bytes)]);
-            account(
-                written,
-                std::slice::from_ref(&latest),
-                position,
-                rest,
-                conn_id,
-                walk,
-            )
+            account(written, [&latest], position, rest, conn_id, walk)
         });
         walk.latest = Some(latest);
         if let Some(done) = done {
@@ -289,17 +282,16 @@ fn write_from_walk(state: &mut State, socket: BorrowedFd<'_>, ring: &Ring, walk:
         *slice = IoSlice::new(&entry.bytes);
     }
     let written = send(socket, &slices[..count]);
-    let gathered: Vec<Arc<Entry>> = entries().cloned().collect();
-    account(written, &gathered, position, rest, conn_id, walk)
+    account(written, entries(), position, rest, conn_id, walk)
 }
 
 /// Moves the connection's position past what `written` says went out of
 /// `entries` (written in this order), leaving a partly written batch's end
 /// in `rest` (its bytes and frame are counted by the task that finishes
 /// it). `true` when all of it went out.
-fn account(
+fn account<'a>(
     written: io::Result<usize>,
-    entries: &[Arc<Entry>],
+    entries: impl IntoIterator<Item = &'a Arc<Entry>>,
     position: &mut Position,
     rest: &mut Option<Box<Started>>,
     conn_id: u64,
