@@ -46,6 +46,10 @@ pub const SLOW_CONSUMER_DISCONNECTS_TOTAL: &str = "slow_consumer_disconnects_tot
 pub const WRITER_LAG_BATCHES: &str = "writer_lag_batches";
 pub const FRAMES_PER_WRITE: &str = "frames_per_write";
 pub const TLS_RELOADS_TOTAL: &str = "tls_reloads_total";
+/// The `--max-connections` this server enforces, so an alert can compare
+/// `active_connections` with the real limit instead of a number copied
+/// from the flag.
+pub const MAX_CONNECTIONS: &str = "max_connections";
 /// Fleet clock discipline (OPERATIONS.md): server clock minus HEARTBEAT `client_time_ms`.
 pub const HEARTBEAT_CLOCK_OFFSET_SECONDS: &str = "heartbeat_clock_offset_seconds";
 
@@ -92,9 +96,10 @@ const CLOCK_OFFSET_BUCKETS_S: [f64; 13] = [
     -5.0, -1.0, -0.25, -0.1, -0.05, -0.01, 0.0, 0.01, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
 
-/// Installs the Prometheus exporter on `addr` (`GET /metrics`) and describes
-/// every metric. Must run inside a tokio runtime.
-pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
+/// Installs the Prometheus exporter on `addr` (`GET /metrics`), describes
+/// every metric and exports `max_connections`. Must run inside a tokio
+/// runtime.
+pub fn install_exporter(addr: SocketAddr, max_connections: usize) -> Result<(), BuildError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(
@@ -110,6 +115,7 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
         .install()?;
     describe();
     register_at_zero();
+    metrics::gauge!(MAX_CONNECTIONS).set(max_connections as f64);
     Ok(())
 }
 
@@ -157,6 +163,10 @@ fn register_at_zero() {
 
 fn describe() {
     describe_gauge!(ACTIVE_CONNECTIONS, "Open client connections.");
+    describe_gauge!(
+        MAX_CONNECTIONS,
+        "The --max-connections limit this server enforces."
+    );
     describe_counter!(MESSAGES_SENT_TOTAL, "Frames written to clients.");
     describe_counter!(BYTES_SENT_TOTAL, Unit::Bytes, "Bytes written to clients.");
     describe_counter!(

@@ -155,8 +155,11 @@ async fn fresh_server_first_scrape_lists_every_metric_readme_names_at_zero() {
             let value = sample(&body, &probe)
                 .unwrap_or_else(|| panic!("{probe} is missing from a fresh server's first scrape:\n{body}"));
             // The producers publish a tick each second whether or not anyone
-            // listens; everything else counts what clients do, and none came.
-            if !name.ends_with("_published_total") {
+            // listens, and the limit is the flag's default; everything else
+            // counts what clients do, and none came.
+            if name == "max_connections" {
+                assert_eq!(value, 100_000.0, "{probe}: the default --max-connections");
+            } else if !name.ends_with("_published_total") {
                 assert_eq!(value, 0.0, "{probe} on a fresh server:\n{body}");
             }
         }

@@ -40,7 +40,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
             Err(e) => return config_error(format_args!("--listen {}: {e}", config.listen)),
         };
         if let Some(addr) = config.metrics_listen {
-            if let Err(e) = metrics::install_exporter(addr) {
+            if let Err(e) = metrics::install_exporter(addr, config.max_connections) {
                 return config_error(format_args!("--metrics-listen {addr}: {e}"));
             }
         }
