@@ -26,8 +26,8 @@
 //! # Waking
 //!
 //! Subscribers register once each in a sharded registry, as a
-//! [`Subscriber`]; after a publish, [`Ring::walk`] calls every one's
-//! [`Subscriber::on_publish`]. The plain one is an [`AtomicWaker`]: it wakes
+//! [`Subscriber`]; after a publish, a walk ([`Ring::walk_shard`] over every
+//! shard) calls each one's [`Subscriber::on_publish`]. The plain one is an [`AtomicWaker`]: it wakes
 //! its task. The server's own subscriber first tries to deliver the new
 //! batch itself, with one non-blocking write from the walking thread, and
 //! wakes its task only when that cannot be done (see `server/direct.rs`).
@@ -322,25 +322,15 @@ impl Ring {
         }
     }
 
-    /// Tells every registered subscriber of the last publish (one [`walk`]
-    /// in one part). Called after a publish, off the producer's timer path.
-    ///
-    /// [`walk`]: Ring::walk
+    /// Tells every registered subscriber of the last publish, all shards in
+    /// one go ([`Ring::close`], tests, benches; the server's walkers split
+    /// the shards between them with [`Ring::walk_shard`]).
     pub fn wake_all(&self) -> Walk {
         let mut walk = Walk::default();
-        self.walk(0, 1, &mut walk);
-        walk
-    }
-
-    /// Calls [`Subscriber::on_publish`] for the subscribers in part `part` of
-    /// `parts` of the registry (shards `part`, `part + parts`, ...), so that
-    /// `parts` threads can share one walk. Each shard stays locked while it
-    /// is walked: a subscriber that registers or leaves meanwhile waits for
-    /// that shard only.
-    pub fn walk(&self, part: usize, parts: usize, walk: &mut Walk) {
-        for shard in (part..self.shards()).step_by(parts.max(1)) {
-            self.walk_shard(shard, walk);
+        for shard in 0..self.shards() {
+            self.walk_shard(shard, &mut walk);
         }
+        walk
     }
 
     /// How many shards the registry has (numbered from 0).
@@ -348,8 +338,10 @@ impl Ring {
         self.wakers.shards.len()
     }
 
-    /// [`Ring::walk`] over one shard of the registry, for a walker that
-    /// lets other work run between shards.
+    /// Calls [`Subscriber::on_publish`] for the subscribers in one shard of
+    /// the registry. The shard stays locked while it is walked: a
+    /// subscriber that registers or leaves meanwhile waits for that shard
+    /// only.
     pub fn walk_shard(&self, shard: usize, walk: &mut Walk) {
         for (_, subscriber) in self.wakers.shards[shard].lock().iter() {
             subscriber.on_publish(self, walk);
@@ -470,7 +462,7 @@ impl Drop for Registration {
 
 /// What a registered subscriber does when its ring publishes.
 pub trait Subscriber: Send + Sync {
-    /// Called by [`Ring::walk`] after a publish (and after [`Ring::close`]),
+    /// Called by [`Ring::walk_shard`] after a publish (and after [`Ring::close`]),
     /// with the shard holding this subscriber locked: it must not block.
     fn on_publish(&self, ring: &Ring, walk: &mut Walk);
 }
