@@ -339,13 +339,15 @@ impl Ring {
     }
 
     /// Calls [`Subscriber::on_publish`] for the subscribers in one shard of
-    /// the registry. The shard stays locked while it is walked: a
-    /// subscriber that registers or leaves meanwhile waits for that shard
-    /// only.
-    pub fn walk_shard(&self, shard: usize, walk: &mut Walk) {
-        for (_, subscriber) in self.wakers.shards[shard].lock().iter() {
+    /// the registry; returns how many there were. The shard stays locked
+    /// while it is walked: a subscriber that registers or leaves meanwhile
+    /// waits for that shard only.
+    pub fn walk_shard(&self, shard: usize, walk: &mut Walk) -> usize {
+        let shard = self.wakers.shards[shard].lock();
+        for (_, subscriber) in shard.iter() {
             subscriber.on_publish(self, walk);
         }
+        shard.len()
     }
 
     /// The newest published entry, if the ring has one.

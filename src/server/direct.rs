@@ -46,10 +46,11 @@ use crate::metrics::Metrics;
 use crate::proxy::Prefixed;
 use crate::ring::{AtomicWaker, Cursor, Entry, Read, Ring, Subscriber, Walk};
 
-/// Registry shards a walk visits between two yields to the runtime: with
-/// 256 shards, about 1/32 of the subscribers (300 of 10k, a millisecond or
-/// two of sends).
-const SHARDS_PER_YIELD: usize = 8;
+/// Subscribers a walk visits, at least, between two yields to the runtime
+/// (it yields between shards): a millisecond or two of sends. Counted in
+/// subscribers, not shards, so a small server's walk does not yield every
+/// few sends.
+const SUBSCRIBERS_PER_YIELD: usize = 256;
 
 /// Most batches one walk gathers into one write for a connection that fell
 /// a few batches behind (a slow walk at a high batch rate); further behind,
@@ -373,8 +374,8 @@ impl Walker {
         }
     }
 
-    /// One walk of this part's shards. It yields to the runtime every
-    /// [`SHARDS_PER_YIELD`] shards: a walk that sends to 20k sockets takes
+    /// One walk of this part's shards. It yields to the runtime after every
+    /// [`SUBSCRIBERS_PER_YIELD`] subscribers or so: a walk that sends to 20k sockets takes
     /// about 100 ms of a core, and the connections waiting to be accepted,
     /// authenticated or answered on that worker must not wait all of it.
     async fn walk(&self, part: usize) {
@@ -384,12 +385,13 @@ impl Walker {
             latest: self.ring.latest(),
             ..Walk::default()
         };
-        let shards = (part..self.ring.shards()).step_by(self.parts.max(1));
-        for (index, shard) in shards.enumerate() {
-            if index > 0 && index % SHARDS_PER_YIELD == 0 {
+        let mut since_yield = 0;
+        for shard in (part..self.ring.shards()).step_by(self.parts.max(1)) {
+            if since_yield >= SUBSCRIBERS_PER_YIELD {
                 tokio::task::yield_now().await;
+                since_yield = 0;
             }
-            self.ring.walk_shard(shard, &mut walk);
+            since_yield += self.ring.walk_shard(shard, &mut walk);
         }
         if walk.frames > 0 {
             self.metrics.messages_sent.add(walk.frames);
