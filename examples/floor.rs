@@ -9,12 +9,15 @@
 //! It speaks just enough of the protocol for `tickstream bench`: any AUTH is
 //! ACKed, SUBSCRIBE is ACKed with the current sequence number, and
 //! HEARTBEATs are read (so the kernel's receive buffers stay empty, as a
-//! real server's do) and dropped unanswered. A socket that cannot take a
+//! real server's do) and dropped unanswered; with `--echo` each is answered
+//! as the protocol asks (`HEARTBEAT{client_time_ms, server_time_ms}`, one
+//! `write()`), the floor of a server that keeps the protocol's heartbeat
+//! contract. A socket that cannot take a
 //! whole frame in one `write()` is closed, so a slow client shows as an
 //! error in the bench, never as a gap.
 //!
 //! ```text
-//! cargo run --release --example floor -- --listen 127.0.0.1:7100 --rate 100
+//! cargo run --release --example floor -- --listen 127.0.0.1:7100 --rate 100 [--echo]
 //! ```
 
 use std::io::{ErrorKind, Read, Write};
@@ -24,25 +27,32 @@ use bytes::{Bytes, BytesMut};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use tickstream::frame::{self, Frame, FrameType, MAX_CLIENT_PAYLOAD};
-use tickstream::proto::{Ack, DataBatch, Mode, MsgType, Tick};
+use tickstream::proto::{Ack, DataBatch, Heartbeat, Mode, MsgType, Tick};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen = "127.0.0.1:7100".to_owned();
     let mut rate: u64 = 100;
+    let mut echo = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--echo" {
+            echo = true;
+            continue;
+        }
         let value = args.next().ok_or("flag without a value")?;
         match flag.as_str() {
             "--listen" => listen = value,
             "--rate" => rate = value.parse()?,
             other => {
-                return Err(format!("unknown flag {other}; use --listen ADDR --rate BATCHES_PER_S").into())
+                return Err(
+                    format!("unknown flag {other}; use --listen ADDR --rate BATCHES_PER_S [--echo]").into(),
+                )
             }
         }
     }
     let mut listener = TcpListener::bind(listen.parse()?)?;
-    eprintln!("floor listening on {listen}, {rate} batches/s");
-    Floor::new(rate)?.run(&mut listener)
+    eprintln!("floor listening on {listen}, {rate} batches/s, heartbeat echo {echo}");
+    Floor::new(rate, echo)?.run(&mut listener)
 }
 
 /// The listener's token; connection `i` is `Token(i + 1)`.
@@ -63,16 +73,19 @@ struct Floor {
     subscribers: Vec<usize>,
     period: Duration,
     seq: u64,
+    /// Answer each HEARTBEAT (`--echo`).
+    echo: bool,
 }
 
 impl Floor {
-    fn new(rate: u64) -> std::io::Result<Floor> {
+    fn new(rate: u64, echo: bool) -> std::io::Result<Floor> {
         Ok(Floor {
             poll: Poll::new()?,
             conns: slab::Slab::new(),
             subscribers: Vec::new(),
             period: Duration::from_secs_f64(1.0 / rate.max(1) as f64),
             seq: 0,
+            echo,
         })
     }
 
@@ -132,7 +145,8 @@ impl Floor {
         }
     }
 
-    /// Reads until the socket would block; answers AUTH and SUBSCRIBE, drops HEARTBEATs.
+    /// Reads until the socket would block; answers AUTH and SUBSCRIBE, drops
+    /// HEARTBEATs (or echoes them, with `--echo`).
     fn readable(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -181,6 +195,16 @@ impl Floor {
                         },
                     ))
                 }
+                Frame::Heartbeat(beat) if self.echo => Some(frame::encode(
+                    FrameType::Heartbeat,
+                    &Heartbeat {
+                        client_time_ms: beat.client_time_ms,
+                        server_time_ms: SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_millis() as i64,
+                    },
+                )),
                 _ => None,
             };
             if let Some(reply) = reply {

@@ -115,16 +115,68 @@ async fn automatic_heartbeats_keep_the_session_past_the_timeout() {
     client.subscribe(Mode::Second).await.unwrap();
     // Four heartbeat timeouts long; without heartbeats the server closes
     // within 400-650 ms and next_event returns HEARTBEAT_TIMEOUT.
-    let until = tokio::time::Instant::now() + Duration::from_millis(1600);
+    let batches = batches_for(&mut client, Duration::from_millis(1600)).await;
+    assert!(batches > 10, "only {batches} batches");
+    assert!(client.last_rtt().is_some(), "heartbeat echoes were received");
+    server.stop().await;
+}
+
+/// Reads batches for `span`; any other event fails the test.
+async fn batches_for(client: &mut Client, span: Duration) -> usize {
+    let until = tokio::time::Instant::now() + span;
     let mut batches = 0;
     while tokio::time::Instant::now() < until {
-        match next(&mut client).await {
+        match next(client).await {
             Event::Batch(_) => batches += 1,
             other => panic!("unexpected event {other:?}"),
         }
     }
-    assert!(batches > 10, "only {batches} batches");
-    assert!(client.last_rtt().is_some(), "heartbeat echoes were received");
+    batches
+}
+
+/// A server asking for heartbeats every `interval` (closing after
+/// `timeout` without one) and a subscribed client set to heartbeat `every`.
+async fn heartbeating(interval: Duration, timeout: Duration, every: Duration) -> (TestServer, Client) {
+    let mut cfg = config();
+    cfg.heartbeat_interval = interval;
+    cfg.heartbeat_timeout = timeout;
+    cfg.synthetic_rate = 50;
+    let server = start(cfg).await;
+    let options = ClientOptions {
+        heartbeat_every: Some(every),
+        ..ClientOptions::default()
+    };
+    let mut client = Client::connect_with(&server.addr.to_string(), options)
+        .await
+        .unwrap();
+    client.authenticate("alice", "secret").await.unwrap();
+    client.subscribe(Mode::Second).await.unwrap();
+    (server, client)
+}
+
+#[tokio::test]
+async fn heartbeat_every_sends_more_often_than_the_server_asks_never_less() {
+    // The server asks for one heartbeat every 5 s: at 50 ms the first echo
+    // arrives long before that.
+    let (server, mut client) = heartbeating(
+        Duration::from_secs(5),
+        Duration::from_secs(6),
+        Duration::from_millis(50),
+    )
+    .await;
+    assert!(batches_for(&mut client, Duration::from_millis(500)).await > 5);
+    assert!(client.last_rtt().is_some(), "an echo of an early heartbeat");
+    server.stop().await;
+
+    // Longer than the server's interval: ignored, so the session outlives
+    // four of the server's timeouts.
+    let (server, mut client) = heartbeating(
+        Duration::from_millis(100),
+        Duration::from_millis(400),
+        Duration::from_secs(3600),
+    )
+    .await;
+    assert!(batches_for(&mut client, Duration::from_millis(1600)).await > 10);
     server.stop().await;
 }
 

@@ -142,6 +142,12 @@ pub struct ClientOptions {
     /// Reconnect and resume after a dropped connection; `None` returns the
     /// error instead. Default `None`.
     pub reconnect: Option<Backoff>,
+    /// Heartbeat at this interval when it is shorter than the one the
+    /// server asks for (sending more often is allowed; less often would
+    /// miss the server's deadline, so a longer one is ignored). A load
+    /// generator uses it to put heartbeat load on a server. Default `None`:
+    /// the server's interval.
+    pub heartbeat_every: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -151,6 +157,7 @@ impl Default for ClientOptions {
             bind: None,
             timeout: Duration::from_secs(10),
             reconnect: None,
+            heartbeat_every: None,
         }
     }
 }
@@ -349,8 +356,12 @@ impl Client {
             heartbeat_interval: Duration::from_millis(u64::from(ack.heartbeat_interval_ms.max(1))),
             heartbeat_timeout: Duration::from_millis(u64::from(ack.heartbeat_timeout_ms)),
         };
-        self.heartbeat_interval = Some(info.heartbeat_interval);
-        let first = Instant::now() + info.heartbeat_interval;
+        let interval = match self.options.heartbeat_every {
+            Some(every) => every.clamp(Duration::from_millis(1), info.heartbeat_interval),
+            None => info.heartbeat_interval,
+        };
+        self.heartbeat_interval = Some(interval);
+        let first = Instant::now() + interval;
         self.heartbeat.as_mut().reset(first);
         self.session = Some(info.clone());
         Ok(info)

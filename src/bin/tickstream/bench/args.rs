@@ -42,6 +42,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "1s")]
     pub warmup: humantime::Duration,
 
+    /// Heartbeat this often when it is shorter than the interval the server
+    /// advertises (the default: as the server asks). Puts heartbeat load,
+    /// and the server's echoes, inside the measured window.
+    #[arg(long)]
+    pub heartbeat_every: Option<humantime::Duration>,
+
     /// Length of the measured window.
     #[arg(long, default_value = "10s")]
     pub duration: humantime::Duration,
@@ -114,6 +120,9 @@ impl BenchArgs {
             if self.tls.tls_ca.is_some() {
                 bail!("--tls-ca: only --protocol tickstream speaks TLS here");
             }
+            if self.heartbeat_every.is_some() {
+                bail!("--heartbeat-every: only --protocol tickstream clients heartbeat here");
+            }
         }
         Ok(())
     }
@@ -127,6 +136,7 @@ impl BenchArgs {
     pub fn client_options(&self) -> ClientOptions {
         ClientOptions {
             tls: self.tls.options(),
+            heartbeat_every: self.heartbeat_every.map(Into::into),
             ..ClientOptions::default()
         }
     }
@@ -161,6 +171,10 @@ impl BenchArgs {
         ];
         if self.no_source_bind {
             flags.push("--no-source-bind".into());
+        }
+        if let Some(every) = self.heartbeat_every {
+            flags.push("--heartbeat-every".into());
+            flags.push(every.to_string());
         }
         for m in &self.modes {
             flags.push("--mode".into());
@@ -210,6 +224,8 @@ mod tests {
             "c.pem",
             "--tls-key",
             "k.pem",
+            "--heartbeat-every",
+            "5s",
         ]);
         let flags = args.worker_flags();
         let reparsed = {
@@ -219,6 +235,10 @@ mod tests {
         };
         assert_eq!(reparsed.addr, args.addr);
         assert_eq!(reparsed.tls, args.tls);
+        assert_eq!(
+            reparsed.client_options().heartbeat_every,
+            Some(std::time::Duration::from_secs(5))
+        );
         let tls = reparsed.client_options().tls.expect("tls options");
         assert_eq!(tls.client_cert, Some(("c.pem".into(), "k.pem".into())));
     }
@@ -229,6 +249,12 @@ mod tests {
         assert!(two.check().unwrap_err().to_string().contains("--addr"));
         let tls = parse(&["--protocol", "nats", "--tls-ca", "ca.pem"]);
         assert!(tls.check().unwrap_err().to_string().contains("--tls-ca"));
+        let beat = parse(&["--protocol", "redis", "--heartbeat-every", "5s"]);
+        assert!(beat
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("--heartbeat-every"));
         assert!(parse(&["--addr", "a:1,,b:2"]).check().is_err());
     }
 }
