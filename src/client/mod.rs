@@ -5,7 +5,9 @@
 //! A [`Client`] owns one connection at a time and does its work inside
 //! [`Client::next_event`]: while you await it, it reads frames (each one's
 //! CRC32C checked by [`frame::decode`]), sends HEARTBEAT at the interval the
-//! server's AUTH ACK advertised, and tracks `first_seq` per mode. There is no
+//! server's AUTH ACK advertised (the first one at a random point of the
+//! first interval, so that clients connected together do not heartbeat in
+//! bursts), and tracks `first_seq` per mode. There is no
 //! background task, so heartbeats go out only while you are awaiting the
 //! client: hand batches to another task if processing them can take longer
 //! than the heartbeat interval (15 s by default).
@@ -361,7 +363,12 @@ impl Client {
             None => info.heartbeat_interval,
         };
         self.heartbeat_interval = Some(interval);
-        let first = Instant::now() + interval;
+        // The first one at a random point of the first interval (earlier is
+        // allowed): clients that connected together, after a restart or a
+        // failover, then heartbeat spread over the interval instead of in
+        // one burst every interval, which the server would pay for as a
+        // spike of reads and echoes in the middle of its deliveries.
+        let first = Instant::now() + interval.mul_f64(rand::thread_rng().gen_range(0.0..=1.0));
         self.heartbeat.as_mut().reset(first);
         self.session = Some(info.clone());
         Ok(info)

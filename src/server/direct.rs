@@ -214,12 +214,22 @@ impl Subscriber for Delivery {
     }
 }
 
+/// Flags of the walk's sends. `MSG_NOSIGNAL`: a send on a connection that
+/// is gone is an `EPIPE` for the task to see, never a `SIGPIPE`. (The
+/// task's own writes go through tokio's `writev`, which takes no flags, so
+/// a host that embeds the server must still ignore `SIGPIPE`, as the
+/// `main` of every Rust binary does.)
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+const SEND_FLAGS: libc::c_int = 0;
+
 /// One non-blocking send of `bufs` (a single `send(2)` for one buffer).
 fn send(socket: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     let socket = socket2::SockRef::from(&socket);
     match bufs {
-        [one] => socket.send(one),
-        _ => socket.send_vectored(bufs),
+        [one] => socket.send_with_flags(one, SEND_FLAGS),
+        _ => socket.send_vectored_with_flags(bufs, SEND_FLAGS),
     }
 }
 

@@ -418,7 +418,10 @@ class Client:
         # A server that sent nothing, not even an echo, for this long is gone
         # even if the socket looks open (a silent network break).
         silence_limit = 2 * interval + info.heartbeat_timeout
-        due = loop.time() + interval
+        # The first one at a random point of the first interval (earlier is
+        # allowed): clients that connected together, after a restart or a
+        # failover, then heartbeat spread over the interval, not in bursts.
+        due = loop.time() + interval * random.random()
         while True:
             await asyncio.sleep(max(due - loop.time(), 0))
             if time.monotonic() - conn.last_received > silence_limit:
