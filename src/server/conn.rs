@@ -6,9 +6,8 @@
 //! [`MAX_IOVECS`] frames), writes them with one vectored write, checks for a
 //! lapped cursor even while the socket is full, and reads client frames.
 //! Control replies are queued behind data already queued, so they interleave
-//! at frame boundaries. The timer sleeps until [`Session::deadline`],
-//! rounded up to the server's [`DEADLINE_GRID`]; every timer rule is the
-//! session's.
+//! at frame boundaries. The timer sleeps until [`Session::deadline`]; every
+//! timer rule is the session's.
 //!
 //! While the task waits with nothing queued, the ring's walk delivers new
 //! batches to a plain TCP connection itself, without waking the task
@@ -45,28 +44,6 @@ const CLOSE_DRAIN_LIMIT: usize = 64 * 1024;
 /// Refill-and-write rounds per wake before yielding to other tasks.
 const MAX_WRITE_ROUNDS: usize = 8;
 
-/// Step of the grid every connection's timer is rounded up to.
-///
-/// Why: each HEARTBEAT moves the deadline later, which tokio records
-/// without moving the timer's place in its wheel; the wheel still comes due
-/// at the old place and the runtime wakes to move it. With a deadline per
-/// connection at any millisecond, 10,000 connections heartbeating every
-/// 15 s wake an otherwise idle worker ~670 times a second just for that.
-/// On a grid they share ten places a second. PROTOCOL.md §6.6 allows a
-/// close up to `max(250 ms, 10 %)` after the timeout; the grid uses at most
-/// 100 ms of it.
-pub(super) const DEADLINE_GRID: Duration = Duration::from_millis(100);
-
-/// `deadline` rounded up to the next point of the grid that starts at
-/// `origin` (the server's start): never earlier, at most one
-/// [`DEADLINE_GRID`] later, and the same for all deadlines in one step.
-pub(super) fn on_grid(deadline: Instant, origin: Instant) -> Instant {
-    let step = DEADLINE_GRID.as_nanos();
-    let since = deadline.saturating_duration_since(origin).as_nanos();
-    let rounded = since.div_ceil(step) * step;
-    origin + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
-}
-
 /// One item of a connection's write queue.
 pub(super) enum Outgoing {
     /// A reply for this connection alone (ACK, HEARTBEAT echo, ERROR).
@@ -100,8 +77,7 @@ where
     // However we return (the stream is closed after), the walk has
     // stopped using our socket by then, whatever still holds `delivery`.
     let _detach = Detach(&delivery);
-    let due = |session: &Session| on_grid(session.deadline(), shared.timer_origin);
-    let mut timer = pin!(tokio::time::sleep_until(due(session)));
+    let mut timer = pin!(tokio::time::sleep_until(session.deadline()));
     // Made (and boxed) only while the connection has no subscription: most
     // connections subscribe at once and never pay for it.
     let mut cancelled = None;
@@ -206,10 +182,10 @@ where
             }
             Event::Closed | Event::ReadFailed(_) => return None,
         }
-        if timer.deadline() != due(session) {
+        if timer.deadline() != session.deadline() {
             // Always later than before (the session never moves it back):
             // tokio extends the entry with a CAS.
-            timer.as_mut().reset(due(session));
+            timer.as_mut().reset(session.deadline());
         }
     }
 }
@@ -493,35 +469,4 @@ where
         shared.metrics.bytes_sent.add(bytes);
     }
     outcome
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deadlines_round_up_to_the_grid_and_share_its_points() {
-        let origin = Instant::now();
-        let ms = Duration::from_millis;
-        assert_eq!(
-            on_grid(origin + ms(200), origin),
-            origin + ms(200),
-            "on the grid: unchanged"
-        );
-        assert_eq!(on_grid(origin + ms(201), origin), origin + ms(300));
-        assert_eq!(
-            on_grid(origin + ms(299), origin),
-            origin + ms(300),
-            "one step's deadlines share a point"
-        );
-        assert_eq!(on_grid(origin, origin), origin);
-        for offset in [1, 37, 99, 100, 101, 15_001] {
-            let deadline = origin + ms(offset);
-            let due = on_grid(deadline, origin);
-            assert!(
-                due >= deadline && due - deadline < DEADLINE_GRID,
-                "{offset} ms -> {due:?}"
-            );
-        }
-    }
 }

@@ -169,7 +169,6 @@ pub async fn run_with_reload(
         shutdown: shutdown.clone(),
         session_salt: rand::random(),
         close_log: LogBudget::new(),
-        timer_origin: tokio::time::Instant::now(),
     });
     match listener.local_addr() {
         Ok(addr) => info!(listen = %addr, tls = tls.is_some(), instance_id = %config.instance_id, "serving"),
@@ -206,8 +205,6 @@ struct Shared {
     session_salt: u64,
     /// Rate limit of "connection closed with error" log lines.
     close_log: LogBudget,
-    /// Where the grid of the connections' timers starts ([`conn::on_grid`]).
-    timer_origin: tokio::time::Instant,
 }
 
 impl Shared {
