@@ -404,7 +404,10 @@ impl Walker {
             since_yield += self.ring.walk_shard(shard, &mut walk);
         }
         if walk.frames > 0 {
+            // The whole before the part (the flush reads them the other
+            // way round).
             self.metrics.messages_sent.add(walk.frames);
+            self.metrics.walk_messages_sent.add(walk.frames);
         }
         if walk.bytes > 0 {
             self.metrics.bytes_sent.add(walk.bytes);
