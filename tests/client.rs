@@ -102,13 +102,19 @@ async fn both_modes_arrive_in_sequence_without_gaps() {
     server.stop().await;
 }
 
+/// A server with 50 batches a second that asks for a heartbeat every
+/// `interval` and closes after `timeout` without one.
+async fn heartbeat_server(interval: Duration, timeout: Duration) -> TestServer {
+    let mut cfg = config();
+    cfg.heartbeat_interval = interval;
+    cfg.heartbeat_timeout = timeout;
+    cfg.synthetic_rate = 50;
+    start(cfg).await
+}
+
 #[tokio::test]
 async fn automatic_heartbeats_keep_the_session_past_the_timeout() {
-    let mut cfg = config();
-    cfg.heartbeat_interval = Duration::from_millis(100);
-    cfg.heartbeat_timeout = Duration::from_millis(400);
-    cfg.synthetic_rate = 50;
-    let server = start(cfg).await;
+    let server = heartbeat_server(Duration::from_millis(100), Duration::from_millis(400)).await;
     let mut client = Client::connect(&server.addr.to_string(), None).await.unwrap();
     let info = client.authenticate("alice", "secret").await.unwrap();
     assert_eq!(info.heartbeat_interval, Duration::from_millis(100));
@@ -137,11 +143,7 @@ async fn batches_for(client: &mut Client, span: Duration) -> usize {
 /// A server asking for heartbeats every `interval` (closing after
 /// `timeout` without one) and a subscribed client set to heartbeat `every`.
 async fn heartbeating(interval: Duration, timeout: Duration, every: Duration) -> (TestServer, Client) {
-    let mut cfg = config();
-    cfg.heartbeat_interval = interval;
-    cfg.heartbeat_timeout = timeout;
-    cfg.synthetic_rate = 50;
-    let server = start(cfg).await;
+    let server = heartbeat_server(interval, timeout).await;
     let options = ClientOptions {
         heartbeat_every: Some(every),
         ..ClientOptions::default()
@@ -189,11 +191,7 @@ async fn clients_connected_together_spread_their_first_heartbeats_over_the_inter
     // 16 would come about 2 s after their ACKs, within a few batches of
     // each other.
     const INTERVAL: Duration = Duration::from_secs(2);
-    let mut cfg = config();
-    cfg.heartbeat_interval = INTERVAL;
-    cfg.heartbeat_timeout = Duration::from_secs(5);
-    cfg.synthetic_rate = 50;
-    let server = start(cfg).await;
+    let server = heartbeat_server(INTERVAL, Duration::from_secs(5)).await;
     let mut first_echoes = Vec::new();
     for _ in 0..16 {
         let mut client = Client::connect(&server.addr.to_string(), None).await.unwrap();
