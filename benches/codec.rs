@@ -47,6 +47,7 @@ fn decode_client_frames(c: &mut Criterion) {
             Frame::Heartbeat(Heartbeat {
                 client_time_ms: 1_764_000_000_000,
                 server_time_ms: 0,
+                ..Heartbeat::default()
             })
             .encode(),
         ),

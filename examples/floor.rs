@@ -203,6 +203,7 @@ impl Floor {
                             .duration_since(UNIX_EPOCH)
                             .unwrap_or_default()
                             .as_millis() as i64,
+                        ..Heartbeat::default()
                     },
                 )),
                 _ => None,

@@ -32,6 +32,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TICKSTREAM_HEARTBEAT_TIMEOUT", default_value = "20s")]
     pub heartbeat_timeout: humantime::Duration,
 
+    /// Longest a subscribed client's HEARTBEAT echo waits to ride with its
+    /// next batch (one send instead of two; the echo says how long it
+    /// waited). 0 answers at once. Never more than a quarter of the
+    /// interval nor half of timeout minus interval.
+    #[arg(long, env = "TICKSTREAM_HEARTBEAT_ECHO_HOLD", default_value = "1500ms")]
+    pub heartbeat_echo_hold: humantime::Duration,
+
     /// One deadline from accept to authenticated: the PROXY header, the TLS
     /// handshake and a complete AUTH frame must all arrive within it.
     #[arg(long, env = "TICKSTREAM_AUTH_TIMEOUT", default_value = "5s")]
@@ -180,6 +187,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+    /// `--heartbeat-echo-hold` as given; [`Config::echo_hold`] is what the
+    /// server uses.
+    pub heartbeat_echo_hold: Duration,
     pub auth_timeout: Duration,
     pub batch_window: Duration,
     pub synthetic_rate: u64,
@@ -217,8 +227,27 @@ const MAX_RING_CAPACITY: usize = 1 << 20;
 const MAX_SYNTHETIC_RATE: u64 = 100_000_000;
 /// Heartbeat fields of the ACK are u32 milliseconds.
 const MAX_HEARTBEAT: Duration = Duration::from_millis(u32::MAX as u64);
+/// `--heartbeat-echo-hold`'s default: longer than the SECOND stream's
+/// period, so a SECOND subscriber's echo always finds a batch to ride with.
+const DEFAULT_ECHO_HOLD: Duration = Duration::from_millis(1500);
+const MAX_ECHO_HOLD: Duration = Duration::from_secs(10);
 
 impl Config {
+    /// How long a subscribed connection's HEARTBEAT echo may wait for a
+    /// batch to ride with (PROTOCOL.md §6.6); `None`: not at all.
+    /// `--heartbeat-echo-hold`, but never more than a quarter of the
+    /// interval, nor half the margin between interval and timeout: a client
+    /// that waits for each echo before it sends its next heartbeat still
+    /// heartbeats in time.
+    pub fn echo_hold(&self) -> Option<Duration> {
+        let margin = self.heartbeat_timeout.saturating_sub(self.heartbeat_interval);
+        let hold = self
+            .heartbeat_echo_hold
+            .min(self.heartbeat_interval / 4)
+            .min(margin / 2);
+        (!hold.is_zero()).then_some(hold)
+    }
+
     /// Checks `args` and reads credentials from `users` (the value of
     /// `TICKSTREAM_USERS`, if set).
     pub fn from_args(args: &ServeArgs, users: Option<&str>) -> Result<Config, ConfigError> {
@@ -236,6 +265,7 @@ impl Config {
             metrics_listen: args.metrics_listen.0,
             heartbeat_interval: args.heartbeat_interval.into(),
             heartbeat_timeout: args.heartbeat_timeout.into(),
+            heartbeat_echo_hold: args.heartbeat_echo_hold.into(),
             auth_timeout: args.auth_timeout.into(),
             batch_window: args.batch_window.into(),
             synthetic_rate: args.synthetic_rate,
@@ -289,6 +319,9 @@ impl Config {
         if timeout > MAX_HEARTBEAT {
             return invalid("heartbeat-timeout", "must be at most 49 days");
         }
+        if self.heartbeat_echo_hold > MAX_ECHO_HOLD {
+            return invalid("heartbeat-echo-hold", "must be at most 10s");
+        }
         if self.auth_timeout.is_zero() {
             return invalid("auth-timeout", "must be greater than 0");
         }
@@ -340,6 +373,7 @@ impl Config {
             metrics_listen: None,
             heartbeat_interval: Duration::from_secs(15),
             heartbeat_timeout: Duration::from_secs(20),
+            heartbeat_echo_hold: DEFAULT_ECHO_HOLD,
             auth_timeout: Duration::from_secs(5),
             batch_window: Duration::from_millis(5),
             synthetic_rate: 0,

@@ -303,6 +303,7 @@ mod tests {
         let h = Frame::Heartbeat(Heartbeat {
             client_time_ms: 5,
             server_time_ms: 0,
+            ..Heartbeat::default()
         })
         .encode();
         let mut wire = a.to_vec();

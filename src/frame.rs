@@ -342,7 +342,8 @@ mod tests {
             }),
             (any::<i64>(), any::<i64>()).prop_map(|(c, s)| Frame::Heartbeat(Heartbeat {
                 client_time_ms: c,
-                server_time_ms: s
+                server_time_ms: s,
+                ..Heartbeat::default()
             })),
             (
                 any::<u64>(),

@@ -232,9 +232,9 @@ pub fn session(data: &[u8]) {
                         Outcome::AlreadySubscribed { mode } => {
                             assert!(subscribed[mode as usize], "a repeat of a SUBSCRIBE never made");
                         }
-                        Outcome::Heartbeat { reply } => {
+                        Outcome::Heartbeat { echo } => {
                             assert!(authenticated && is_heartbeat, "HEARTBEAT before AUTH");
-                            assert!(!reply.is_empty());
+                            assert_eq!(echo.server_hold_us, 0, "the session never holds an echo");
                             assert_eq!(session.deadline(), now + timing.heartbeat_timeout);
                         }
                         Outcome::CheckCredentials(_) => {

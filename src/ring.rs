@@ -497,6 +497,10 @@ pub struct Walk {
     /// [`Ring::latest`] as the walk began, loaded once by a walker whose
     /// subscribers write (`None`: they read the ring themselves).
     pub latest: Option<Arc<Entry>>,
+    /// A walk that follows no publish: the server's walker sweeps its
+    /// subscribers so that no heartbeat echo waits for a batch longer than
+    /// its bound. A subscriber with nothing waiting does nothing in it.
+    pub sweep: bool,
 }
 
 /// Subscribers sharded over several slabs, so that a subscribe or a

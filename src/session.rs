@@ -55,8 +55,10 @@ pub enum Outcome {
     /// subscription stays where it is; send [`subscribe_ack`] with its
     /// current position.
     AlreadySubscribed { mode: Mode },
-    /// Send the heartbeat echo `reply`.
-    Heartbeat { reply: Bytes },
+    /// Send the heartbeat echo `echo` ([`frame::encode`] it when it goes
+    /// out: the server may hold it for the next batch and say so in
+    /// `server_hold_us`, PROTOCOL.md §6.6).
+    Heartbeat { echo: Heartbeat },
     /// The credentials are slow to check ([`Credentials::is_slow`]): check
     /// them off the reactor, then call [`Session::on_credentials_checked`].
     /// Only AUTH in the awaiting state returns this, after the rate limit.
@@ -210,14 +212,13 @@ impl Session {
             }
             (State::Ready, Frame::Heartbeat(heartbeat)) => {
                 self.extend_deadline(now + self.timing.heartbeat_timeout);
-                let reply = frame::encode(
-                    FrameType::Heartbeat,
-                    &Heartbeat {
+                Ok(Outcome::Heartbeat {
+                    echo: Heartbeat {
                         client_time_ms: heartbeat.client_time_ms,
                         server_time_ms: unix_ms(wall),
+                        server_hold_us: 0,
                     },
-                );
-                Ok(Outcome::Heartbeat { reply })
+                })
             }
             (State::Ready, Frame::DataBatch(_) | Frame::Error(_) | Frame::Ack(_)) => Err(
                 SessionError::ProtocolViolation("DATA_BATCH, ERROR and ACK are server-to-client only"),
@@ -560,14 +561,10 @@ mod tests {
         let t = now + Duration::from_secs(3);
         let hb = Frame::Heartbeat(Heartbeat {
             client_time_ms: 42,
-            server_time_ms: 0,
+            ..Heartbeat::default()
         });
-        let Outcome::Heartbeat { reply } = s.on_frame(hb, t, wall(), &creds, &limiter).unwrap() else {
+        let Outcome::Heartbeat { echo } = s.on_frame(hb, t, wall(), &creds, &limiter).unwrap() else {
             panic!("no echo")
-        };
-        let Some(Frame::Heartbeat(echo)) = frame::decode(&mut BytesMut::from(&reply[..]), u32::MAX).unwrap()
-        else {
-            panic!("echo is not a heartbeat")
         };
         assert_eq!(echo.client_time_ms, 42);
         assert_eq!(echo.server_time_ms, 1_600_000_000_000, "the wall clock given");

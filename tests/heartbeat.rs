@@ -90,7 +90,89 @@ async fn heartbeats_before_any_subscribe_are_fine() {
     let (mut client, _) = RawClient::authenticated(server.addr).await;
     for i in 0..3 {
         client.send(&heartbeat_frame(i)).await;
-        assert_eq!(client.recv().await.heartbeat().client_time_ms, i);
+        let echo = client.recv().await.heartbeat();
+        assert_eq!(echo.client_time_ms, i);
+        assert_eq!(echo.server_hold_us, 0, "no batch to ride with: answered at once");
     }
     server.stop().await;
+}
+
+/// Slack for a loaded CI box on top of what the contract bounds.
+const SCHEDULING: Duration = Duration::from_millis(500);
+
+#[tokio::test]
+async fn a_subscribers_echo_rides_in_front_of_its_next_batch_and_says_how_long_it_waited() {
+    let server = start(config()).await;
+    let hold = server_hold(&config());
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    client.send(&subscribe_frame(Mode::Second)).await;
+    client.recv().await.ack();
+    for _ in 0..2 {
+        // Just after a batch: the next one is about a second away.
+        assert_eq!(client.recv_within(Duration::from_secs(3)).await.frame_type, 0x04);
+        let seen = client.heartbeat_round_trip(Duration::from_secs(3)).await;
+        assert!(seen.batch_followed, "the echo came alone: {seen:?}");
+        assert!(
+            seen.held() > Duration::from_millis(100) && seen.held() <= hold,
+            "held {:?}, bound {hold:?}",
+            seen.held()
+        );
+        assert!(seen.took >= seen.held(), "{seen:?}");
+        assert!(
+            seen.took - seen.held() < SCHEDULING,
+            "the round trip less the hold is the network's: {seen:?}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_quiet_streams_subscriber_gets_its_echo_alone_within_the_hold() {
+    let mut cfg = config();
+    cfg.heartbeat_echo_hold = Duration::from_millis(300);
+    let hold = server_hold(&cfg);
+    assert_eq!(hold, Duration::from_millis(300));
+    let server = start(cfg).await;
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    // MINUTE: a batch a minute, so nothing for the echo to ride with.
+    client.send(&subscribe_frame(Mode::Minute)).await;
+    client.recv().await.ack();
+    for _ in 0..3 {
+        let seen = client.heartbeat_round_trip(hold + SCHEDULING * 2).await;
+        assert!(seen.held() <= hold + SCHEDULING, "{seen:?}");
+        assert!(seen.took <= hold + SCHEDULING * 2, "{seen:?}");
+        assert!(seen.took >= seen.held(), "{seen:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_hold_of_zero_answers_every_heartbeat_at_once() {
+    let mut cfg = config();
+    cfg.heartbeat_echo_hold = Duration::ZERO;
+    assert_eq!(cfg.echo_hold(), None);
+    let server = start(cfg).await;
+    let (mut client, _) = RawClient::authenticated(server.addr).await;
+    client.send(&subscribe_frame(Mode::Second)).await;
+    client.recv().await.ack();
+    assert_eq!(client.recv_within(Duration::from_secs(3)).await.frame_type, 0x04);
+    let seen = client.heartbeat_round_trip(Duration::from_secs(3)).await;
+    assert_eq!(seen.echo.server_hold_us, 0);
+    assert!(seen.took < SCHEDULING, "{seen:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_hold_never_outlasts_a_short_interval_or_the_timeout_margin() {
+    // A client that waits for each echo before its next HEARTBEAT must
+    // still heartbeat in time: the hold shrinks with the interval.
+    let cfg = short_heartbeats();
+    assert_eq!(server_hold(&cfg), INTERVAL / 4);
+    let mut cfg = config();
+    cfg.heartbeat_timeout = cfg.heartbeat_interval + Duration::from_secs(1);
+    assert_eq!(server_hold(&cfg), Duration::from_millis(500));
+}
+
+fn server_hold(cfg: &tickstream::Config) -> Duration {
+    cfg.echo_hold().expect("echoes are held")
 }

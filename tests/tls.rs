@@ -124,6 +124,43 @@ async fn tls13_client_authenticates_and_receives_ticks() {
     server.stop().await;
 }
 
+/// The walk cannot write TLS records, so a TLS subscriber's task writes its
+/// held echo: with its next batch, or alone when a sweep finds the stream
+/// quiet for the hold.
+#[tokio::test]
+async fn a_tls_subscribers_echo_rides_with_its_batch_or_comes_alone_within_the_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new(dir.path(), "ca");
+    // The default hold (1.5 s), longer than the SECOND stream's period.
+    let cfg = tls_config(&ca.server_cert(dir.path(), "server"), None);
+    let hold = cfg.echo_hold().expect("held");
+    let server = start(cfg).await;
+    let mut client = tls_connect(server.addr, &ca.pem, None)
+        .await
+        .expect("TLS handshake");
+    client.authenticate().await;
+    client.send(&subscribe_frame(Mode::Minute)).await;
+    client.recv().await.ack();
+    let scheduling = Duration::from_millis(500);
+    let seen = client.heartbeat_round_trip(hold + scheduling * 2).await;
+    assert!(seen.held() <= hold + scheduling, "{seen:?}");
+    assert!(seen.took <= hold + scheduling * 2, "{seen:?}");
+
+    client.send(&subscribe_frame(Mode::Second)).await;
+    let mut frame = client.recv().await;
+    while frame.frame_type != 0x04 || frame.batch().ticks[0].mode != Mode::Second as i32 {
+        frame = client.recv_within(Duration::from_secs(3)).await;
+    }
+    // Just after a SECOND batch: the next is ~1 s away, within the hold.
+    let seen = client.heartbeat_round_trip(Duration::from_secs(3)).await;
+    assert!(seen.batch_followed, "the echo came alone: {seen:?}");
+    assert!(
+        seen.held() > Duration::from_millis(100) && seen.held() <= hold,
+        "{seen:?}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn mtls_refuses_a_client_without_a_ca_signed_certificate_before_any_frame() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -334,7 +334,9 @@ impl Client {
         self.modes[mode as usize].stream.instance_id()
     }
 
-    /// Round-trip time measured by the last HEARTBEAT echo.
+    /// Round-trip time measured by the last HEARTBEAT echo, less the time
+    /// the server held the echo for a batch to ride with (`server_hold_us`,
+    /// PROTOCOL.md §6.6).
     pub fn last_rtt(&self) -> Option<Duration> {
         self.last_rtt
     }
@@ -417,8 +419,10 @@ impl Client {
             match frame.map_err(read_error)? {
                 None => return Err(ClientError::Closed),
                 Some(Frame::Heartbeat(hb)) => {
-                    let rtt = now_ms().saturating_sub(hb.client_time_ms);
-                    self.last_rtt = Some(Duration::from_millis(rtt.max(0) as u64));
+                    // Less the time the server held the echo for a batch
+                    // to ride with (PROTOCOL.md §6.6).
+                    let rtt = Duration::from_millis(now_ms().saturating_sub(hb.client_time_ms).max(0) as u64);
+                    self.last_rtt = Some(rtt.saturating_sub(Duration::from_micros(hb.server_hold_us)));
                 }
                 Some(Frame::Error(e)) => {
                     return Err(ClientError::Server {
@@ -458,6 +462,7 @@ impl Client {
             &Heartbeat {
                 client_time_ms: now_ms(),
                 server_time_ms: 0,
+                ..Heartbeat::default()
             },
         ))
         .await

@@ -26,11 +26,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::direct::{Delivery, Detach, Position, WalkWritable};
+use super::direct::{Delivery, Detach, HeldEcho, Position, WalkWritable};
 use super::Shared;
 use crate::connection::{Connection, ReadError, MAX_IOVECS};
 use crate::error::{ErrorCode, SessionError};
-use crate::frame::{self, Frame};
+use crate::frame::{self, Frame, FrameType};
 use crate::metrics::{self as m};
 use crate::proto::Mode;
 use crate::ring::{self, Entry, Read, Registration, Ring};
@@ -86,12 +86,23 @@ where
         let event = poll_fn(|cx| {
             // The walk writes for us only while we wait with nothing queued:
             // from here until we park again, it wakes us instead.
-            let mut state = delivery.state.lock();
+            let mut guard = delivery.state.lock();
+            let state = &mut *guard;
             state.parked_empty = false;
             if let Some(started) = state.rest.take() {
-                // A batch the walk wrote partly: first in line (the queue
+                // A frame the walk wrote partly: first in line (the queue
                 // was empty when the walk wrote), already started.
-                conn.enqueue_started(Outgoing::Data(started.entry), started.written);
+                conn.enqueue_started(started.item, started.written);
+            }
+            if let Some(held) = &state.held_echo {
+                // No batch came to carry it in time (a sweep says so, or
+                // our own clock does): it goes on its own.
+                let now = std::time::Instant::now();
+                let asked = std::mem::take(&mut state.flush_echo);
+                if asked || held.is_due(now) {
+                    conn.enqueue(Outgoing::Control(held.encode(now)));
+                    state.held_echo = None;
+                }
             }
             // A subscriber learns of shutdown from its rings (one atomic load
             // per wake); only a connection without a subscription polls the
@@ -113,6 +124,7 @@ where
             let poller = Poller {
                 subs: &mut subs,
                 positions: &mut state.positions,
+                held_echo: &mut state.held_echo,
                 delivery: &delivery,
                 shared,
                 conn_id,
@@ -132,9 +144,10 @@ where
                     Frame::Heartbeat(hb) => Some(hb.client_time_ms),
                     _ => None,
                 };
+                let received_at = Instant::now();
                 let outcome = session.on_frame(
                     frame,
-                    Instant::now(),
+                    received_at,
                     SystemTime::now(),
                     &shared.credentials,
                     &shared.limiter,
@@ -157,9 +170,21 @@ where
                             .map_or(0, Position::next_tick_seq);
                         conn.enqueue(Outgoing::Control(shared.fleet.ack(mode, next_seq)));
                     }
-                    Ok(Outcome::Heartbeat { reply }) => {
+                    Ok(Outcome::Heartbeat { echo }) => {
                         shared.fleet.record_clock_offset(heartbeat_sent_at);
-                        conn.enqueue(Outgoing::Control(reply));
+                        // The most frequent mode we receive carries it.
+                        let carrier = subs.iter().flatten().map(|sub| sub.mode as usize).min();
+                        if let (Some(hold), Some(carrier)) = (shared.echo_hold, carrier) {
+                            // It rides with our next batch (direct.rs); an
+                            // echo still held goes now, so none waits
+                            // behind another.
+                            let held = HeldEcho::new(echo, received_at.into_std(), hold, carrier);
+                            if let Some(earlier) = delivery.state.lock().held_echo.replace(held) {
+                                conn.enqueue(Outgoing::Control(earlier.encode(std::time::Instant::now())));
+                            }
+                        } else {
+                            conn.enqueue(Outgoing::Control(frame::encode(FrameType::Heartbeat, &echo)));
+                        }
                     }
                     Ok(Outcome::Authenticated { .. } | Outcome::CheckCredentials(_)) => {
                         // An authenticated session refuses AUTH itself.
@@ -325,6 +350,7 @@ fn subscribed<'a>(
 struct Poller<'a> {
     subs: &'a mut [Option<Subscription>; 2],
     positions: &'a mut [Option<Position>; 2],
+    held_echo: &'a mut Option<Box<HeldEcho>>,
     delivery: &'a Delivery,
     shared: &'a Shared,
     conn_id: u64,
@@ -394,6 +420,16 @@ where
                 .metrics
                 .writer_lag
                 .record(sub.ring.lag(&position.cursor) as f64);
+        }
+    }
+    if poller.held_echo.is_some()
+        && (conn.queued() > 0
+            || subscribed(subs, positions).any(|(sub, position)| sub.ring.lag(&position.cursor) > 0))
+    {
+        // A held echo rides with what we are about to write, ahead of the
+        // new batches, as the walk sends it (direct.rs).
+        if let Some(held) = poller.held_echo.take() {
+            conn.enqueue(Outgoing::Control(held.encode(std::time::Instant::now())));
         }
     }
     let (mut frames, mut bytes) = (0u64, 0u64);

@@ -35,14 +35,20 @@
 use std::io::{self, IoSlice};
 use std::num::NonZeroU64;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::Outgoing;
+use crate::frame::{self, FrameType};
 use crate::metrics::Metrics;
+use crate::proto::Heartbeat;
 use crate::proxy::Prefixed;
 use crate::ring::{AtomicWaker, Cursor, Entry, Read, Ring, Subscriber, Walk};
 
@@ -87,7 +93,7 @@ pub(super) struct Delivery {
 }
 
 /// What the task and the walk share, under [`Delivery::state`]'s lock:
-/// 56 bytes, so the walk reads one connection's state from one or two
+/// 64 bytes, so the walk reads one connection's state from one or two
 /// cache lines.
 #[repr(C)]
 pub(super) struct State {
@@ -100,6 +106,9 @@ pub(super) struct State {
     /// walk may write. Set by the task only when its poll ends `Pending`
     /// with an empty queue, cleared by it on every wake.
     pub(super) parked_empty: bool,
+    /// A sweep found [`State::held_echo`] and could not write it: the task
+    /// writes it on its next poll, due or not.
+    pub(super) flush_echo: bool,
     /// Per mode: where the connection stands in that mode's ring (the
     /// walk of mode `m`'s ring has [`Walk::slot`] `m`).
     pub(super) positions: [Option<Position>; 2],
@@ -108,15 +117,72 @@ pub(super) struct State {
     /// peer never sees half a frame followed by another). Boxed: rare, and
     /// every connection has one.
     pub(super) rest: Option<Box<Started>>,
+    /// A HEARTBEAT echo waiting for the connection's next write (module
+    /// docs). Boxed: one connection in many holds one at a time.
+    pub(super) held_echo: Option<Box<HeldEcho>>,
     /// The connection's id, the key of its latency samples.
     conn_id: u64,
 }
 
-/// A batch partly handed to the kernel by the walk.
+/// A frame (a batch or a held echo) partly handed to the kernel by the
+/// walk.
 pub(super) struct Started {
-    pub(super) entry: Arc<Entry>,
+    pub(super) item: Outgoing,
     /// Bytes of it already written.
     pub(super) written: usize,
+}
+
+/// A HEARTBEAT echo held for the connection's next write.
+#[derive(Debug)]
+pub(super) struct HeldEcho {
+    echo: Heartbeat,
+    received_at: Instant,
+    /// When it must go, batch or not.
+    due_at: Instant,
+    /// The mode (ring slot) whose batches are expected to carry it: the
+    /// most frequent one subscribed. A sweep of another ring leaves it be
+    /// until it is due, so that a quiet MINUTE ring's sweep does not send
+    /// alone what the SECOND ring's next batch would have carried.
+    carrier: usize,
+}
+
+impl HeldEcho {
+    /// `echo`, answering a HEARTBEAT that arrived at `received_at`, held at
+    /// most `hold` for a batch of mode `carrier`.
+    pub(super) fn new(
+        echo: Heartbeat,
+        received_at: Instant,
+        hold: Duration,
+        carrier: usize,
+    ) -> Box<HeldEcho> {
+        Box::new(HeldEcho {
+            echo,
+            received_at,
+            due_at: received_at + hold,
+            carrier,
+        })
+    }
+
+    /// Whether it must go by `now`, batch or not.
+    pub(super) fn is_due(&self, now: Instant) -> bool {
+        now >= self.due_at
+    }
+
+    /// Whether a sweep of the ring in `slot` writes it.
+    fn is_swept_by(&self, slot: usize, now: Instant) -> bool {
+        slot == self.carrier || self.is_due(now)
+    }
+
+    /// The echo's frame if it goes out at `now`: it says how long it was
+    /// held.
+    pub(super) fn encode(&self, now: Instant) -> Bytes {
+        let held = now.saturating_duration_since(self.received_at);
+        let echo = Heartbeat {
+            server_hold_us: u64::try_from(held.as_micros()).unwrap_or(u64::MAX),
+            ..self.echo
+        };
+        frame::encode(FrameType::Heartbeat, &echo)
+    }
 }
 
 /// [`State::socket`] when the walk may not write.
@@ -157,8 +223,10 @@ impl Delivery {
             state: Mutex::new(State {
                 socket: socket.unwrap_or(NO_SOCKET),
                 parked_empty: false,
+                flush_echo: false,
                 positions: [None, None],
                 rest: None,
+                held_echo: None,
                 conn_id,
             }),
             waker: AtomicWaker::new(),
@@ -192,9 +260,19 @@ impl Drop for Detach<'_> {
 impl Subscriber for Delivery {
     fn on_publish(&self, ring: &Ring, walk: &mut Walk) {
         let Some(mut state) = self.state.try_lock() else {
-            // The task is running and will see the batch (module docs).
+            // The task is running and will see the batch (module docs), or,
+            // in a sweep, find its held echo due.
             return self.wake(walk);
         };
+        if walk.sweep
+            && !state
+                .held_echo
+                .as_ref()
+                .is_some_and(|held| held.is_swept_by(walk.slot, Instant::now()))
+        {
+            // A sweep only writes held echoes, and only its own or due ones.
+            return;
+        }
         if state.parked_empty && state.socket != NO_SOCKET {
             let socket = state.socket;
             // SAFETY: `socket` is the open descriptor of this connection's
@@ -209,6 +287,7 @@ impl Subscriber for Delivery {
             }
         }
         state.parked_empty = false;
+        state.flush_echo |= walk.sweep;
         drop(state);
         self.wake(walk);
     }
@@ -233,41 +312,34 @@ fn send(socket: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
-/// Writes what `ring` holds after the connection's cursor to `socket`.
-/// `false` when the task must take over (nothing was written, or only part).
+/// Writes what `ring` holds after the connection's cursor to `socket`,
+/// behind the connection's held echo if it has one. `false` when the task
+/// must take over (nothing was written, or only part).
 fn write_from_walk(state: &mut State, socket: BorrowedFd<'_>, ring: &Ring, walk: &mut Walk) -> bool {
     // Closed: the task must see it (a close walks with slot 0 whatever
     // the ring, so this comes before the position).
     if ring.is_closed() {
         return false;
     }
-    let State {
-        positions,
-        rest,
-        conn_id,
-        ..
-    } = state;
-    let conn_id = *conn_id;
-    let Some(position) = positions.get_mut(walk.slot).and_then(Option::as_mut) else {
+    let Some(position) = state.positions.get(walk.slot).and_then(Option::as_ref) else {
         return false;
     };
+    let mut cursor = position.cursor;
     // The common case, one new batch since the last walk: the entry the
     // walker loaded once for everyone, borrowed (no load of the slot and no
     // reference count touched per connection).
     // (Moved out of the walk and back: pointer moves, no count.)
     if let Some(latest) = walk.latest.take() {
-        let done = (latest.seq == position.cursor.position()).then(|| {
-            let written = send(socket, &[IoSlice::new(&latest.bytes)]);
-            account(written, [&latest], position, rest, conn_id, walk)
-        });
-        walk.latest = Some(latest);
+        let is_next = latest.seq == cursor.position();
+        let mut latest = [Some(latest)];
+        let done = is_next.then(|| send_batches(state, socket, &latest, walk));
+        walk.latest = latest[0].take();
         if let Some(done) = done {
             return done;
         }
     }
     let mut gathered: [Option<Arc<Entry>>; MAX_WALK_GATHER] = Default::default();
     let mut count = 0;
-    let mut cursor = position.cursor;
     while count < MAX_WALK_GATHER {
         match ring.read(&mut cursor) {
             Read::Entry(entry) => {
@@ -278,8 +350,7 @@ fn write_from_walk(state: &mut State, socket: BorrowedFd<'_>, ring: &Ring, walk:
             Read::Lagged => return false,
         }
     }
-    let entries = || gathered[..count].iter().flatten();
-    if entries().next().is_none() {
+    if count == 0 && state.held_echo.is_none() {
         // Nothing new for us (a walk for the other ring's batch, already
         // written): nothing to do, and no reason to wake the task.
         return true;
@@ -288,42 +359,61 @@ fn write_from_walk(state: &mut State, socket: BorrowedFd<'_>, ring: &Ring, walk:
         // Far behind: the task catches up in larger writes.
         return false;
     }
-    let mut slices = [IoSlice::new(&[]); MAX_WALK_GATHER];
-    for (slice, entry) in slices.iter_mut().zip(entries()) {
-        *slice = IoSlice::new(&entry.bytes);
-    }
-    let written = send(socket, &slices[..count]);
-    account(written, entries(), position, rest, conn_id, walk)
+    send_batches(state, socket, &gathered[..count], walk)
 }
 
-/// Moves the connection's position past what `written` says went out of
-/// `entries` (written in this order), leaving a partly written batch's end
+/// Sends the connection's held echo (if any), then `entries` in order, in
+/// one send, and moves the connection past what went out.
+fn send_batches(
+    state: &mut State,
+    socket: BorrowedFd<'_>,
+    entries: &[Option<Arc<Entry>>],
+    walk: &mut Walk,
+) -> bool {
+    let echo = state.held_echo.as_ref().map(|held| held.encode(Instant::now()));
+    let written = match (&echo, entries) {
+        // The common case, one batch and no echo: no gather to build.
+        (None, [Some(one)]) => send(socket, &[IoSlice::new(&one.bytes)]),
+        _ => {
+            let mut slices = [IoSlice::new(&[]); MAX_WALK_GATHER + 1];
+            let mut used = 0;
+            let batches = entries.iter().flatten().map(|entry| &entry.bytes[..]);
+            for bytes in echo.iter().map(|echo| &echo[..]).chain(batches) {
+                slices[used] = IoSlice::new(bytes);
+                used += 1;
+            }
+            send(socket, &slices[..used])
+        }
+    };
+    account(written, echo, entries, state, walk)
+}
+
+/// Moves the connection past what `written` says went out of `echo` and
+/// `entries` (written in this order), leaving a partly written frame's end
 /// in `rest` (its bytes and frame are counted by the task that finishes
 /// it). `true` when all of it went out.
-fn account<'a>(
+fn account(
     written: io::Result<usize>,
-    entries: impl IntoIterator<Item = &'a Arc<Entry>>,
-    position: &mut Position,
-    rest: &mut Option<Box<Started>>,
-    conn_id: u64,
+    echo: Option<Bytes>,
+    entries: &[Option<Arc<Entry>>],
+    state: &mut State,
     walk: &mut Walk,
 ) -> bool {
     // WouldBlock (the task's own write then finds the socket full, and
     // tokio registers it for writability), an error (the task's write sees
-    // it too) or 0.
+    // it too) or 0. A held echo stays held: the task writes it.
     let Ok(mut written) = written else {
         return false;
     };
     if written == 0 {
         return false;
     }
-    for entry in entries {
-        let len = entry.bytes.len();
-        position.cursor = Cursor::after(entry);
-        position.set_next_tick_seq(entry.next_tick_seq);
+    if let Some(echo) = echo {
+        state.held_echo = None;
+        let len = echo.len();
         if written < len {
-            *rest = Some(Box::new(Started {
-                entry: entry.clone(),
+            state.rest = Some(Box::new(Started {
+                item: Outgoing::Control(echo),
                 written,
             }));
             return false;
@@ -331,7 +421,25 @@ fn account<'a>(
         written -= len;
         walk.frames += 1;
         walk.bytes += len as u64;
-        if entry.is_latency_sample(conn_id, walk.sample_every) {
+    }
+    let Some(position) = state.positions.get_mut(walk.slot).and_then(Option::as_mut) else {
+        return entries.is_empty();
+    };
+    for entry in entries.iter().flatten() {
+        let len = entry.bytes.len();
+        position.cursor = Cursor::after(entry);
+        position.set_next_tick_seq(entry.next_tick_seq);
+        if written < len {
+            state.rest = Some(Box::new(Started {
+                item: Outgoing::Data(entry.clone()),
+                written,
+            }));
+            return false;
+        }
+        written -= len;
+        walk.frames += 1;
+        walk.bytes += len as u64;
+        if entry.is_latency_sample(state.conn_id, walk.sample_every) {
             walk.latencies.push(entry.encoded_at.elapsed());
         }
     }
@@ -349,24 +457,45 @@ pub(super) struct Walker {
     pub(super) parts: usize,
     pub(super) metrics: Metrics,
     pub(super) sample_every: u64,
+    /// The longest a heartbeat echo waits for a batch to ride with
+    /// ([`Shared::echo_hold`](super::Shared)): a ring that publishes nothing
+    /// for this long is swept. `None`: echoes are never held.
+    pub(super) echo_hold: Option<Duration>,
 }
 
 impl Walker {
     /// Walks the ring after each publish `wake` announces, in
     /// [`Walker::parts`] tasks that split the registry between them, until
     /// `cancel` fires. Notifications that arrive while a walk is running
-    /// coalesce into one more walk.
+    /// coalesce into one more walk. A ring quiet for [`Walker::echo_hold`]
+    /// gets a sweep instead, which writes only held echoes.
     pub(super) async fn run(self, wake: Arc<Notify>, cancel: CancellationToken) {
         let parts = self.parts.max(1);
-        let helpers: Vec<Arc<Notify>> = (1..parts).map(|_| Arc::new(Notify::new())).collect();
-        for (index, notify) in helpers.iter().enumerate() {
-            tokio::spawn(self.clone().run_part(index + 1, notify.clone(), cancel.clone()));
+        let helpers: Vec<(Arc<Notify>, Arc<AtomicBool>)> = (1..parts)
+            .map(|_| (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false))))
+            .collect();
+        for (index, (notify, published)) in helpers.iter().enumerate() {
+            let part = self
+                .clone()
+                .run_part(index + 1, notify.clone(), published.clone(), cancel.clone());
+            tokio::spawn(part);
         }
         let fan_out = async {
             loop {
-                wake.notified().await;
-                helpers.iter().for_each(|notify| notify.notify_one());
-                self.walk(0).await;
+                let sweep = match self.echo_hold {
+                    Some(hold) => tokio::time::timeout(hold, wake.notified()).await.is_err(),
+                    None => {
+                        wake.notified().await;
+                        false
+                    }
+                };
+                for (notify, published) in &helpers {
+                    if !sweep {
+                        published.store(true, Ordering::Release);
+                    }
+                    notify.notify_one();
+                }
+                self.walk(0, sweep).await;
             }
         };
         tokio::select! {
@@ -375,11 +504,23 @@ impl Walker {
         }
     }
 
-    async fn run_part(self, part: usize, wake: Arc<Notify>, cancel: CancellationToken) {
+    /// `published`: a notification since the last walk was a publish's
+    /// (set before it), not only a sweep's. Notifications coalesce, so a
+    /// part walks as a sweep only when every one it missed was a sweep.
+    async fn run_part(
+        self,
+        part: usize,
+        wake: Arc<Notify>,
+        published: Arc<AtomicBool>,
+        cancel: CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = wake.notified() => self.walk(part).await,
+                _ = wake.notified() => {
+                    let sweep = !published.swap(false, Ordering::Acquire);
+                    self.walk(part, sweep).await;
+                }
             }
         }
     }
@@ -388,11 +529,12 @@ impl Walker {
     /// [`SUBSCRIBERS_PER_YIELD`] subscribers or so: a walk that sends to 20k sockets takes
     /// about 100 ms of a core, and the connections waiting to be accepted,
     /// authenticated or answered on that worker must not wait all of it.
-    async fn walk(&self, part: usize) {
+    async fn walk(&self, part: usize, sweep: bool) {
         let mut walk = Walk {
             slot: self.slot,
             sample_every: self.sample_every,
             latest: self.ring.latest(),
+            sweep,
             ..Walk::default()
         };
         let mut since_yield = 0;
@@ -610,7 +752,10 @@ mod tests {
             let mut state = f.delivery.state.lock();
             assert!(!state.parked_empty, "the task owns the socket now");
             let started = state.rest.take().expect("the rest is left");
-            assert_eq!(started.entry.seq, 0);
+            let Outgoing::Data(entry) = &started.item else {
+                panic!("the rest is the batch's")
+            };
+            assert_eq!(entry.seq, 0);
             started.written
         };
         assert!(0 < written && written < BIG.len());
@@ -623,5 +768,126 @@ mod tests {
         assert_eq!((walk.frames, walk.bytes, walk.woken), (0, 0, 1));
         assert_eq!(f.cursor(), 1);
         assert_eq!(f.read_exactly(written).await, vec![7; written]);
+    }
+
+    /// Holds an echo of `client_time_ms` received `ago`, for at most a
+    /// second, for a batch of this ring (slot 0).
+    fn hold_echo(f: &Fixture, client_time_ms: i64, ago: Duration) {
+        hold_echo_for(f, client_time_ms, ago, 0);
+    }
+
+    fn hold_echo_for(f: &Fixture, client_time_ms: i64, ago: Duration, carrier: usize) {
+        let echo = Heartbeat {
+            client_time_ms,
+            server_time_ms: 1_700_000_000_000,
+            ..Heartbeat::default()
+        };
+        let hold = Duration::from_secs(1);
+        f.delivery.state.lock().held_echo = Some(HeldEcho::new(echo, Instant::now() - ago, hold, carrier));
+    }
+
+    /// A sweep of the whole ring, as the walker runs one when the ring was
+    /// quiet for the hold.
+    fn sweep(ring: &Ring) -> Walk {
+        let mut walk = Walk {
+            sweep: true,
+            latest: ring.latest(),
+            ..Walk::default()
+        };
+        for shard in 0..ring.shards() {
+            ring.walk_shard(shard, &mut walk);
+        }
+        walk
+    }
+
+    /// Reads one frame's worth of bytes and decodes it as the echo.
+    async fn read_echo(f: &mut Fixture) -> Heartbeat {
+        let mut header = f.read_exactly(frame::HEADER_LEN).await;
+        let payload = u32::from_be_bytes(header[4..8].try_into().unwrap()) as usize;
+        header.extend(f.read_exactly(payload + frame::TRAILER_LEN).await);
+        match frame::decode(&mut bytes::BytesMut::from(&header[..]), u32::MAX) {
+            Ok(Some(frame::Frame::Heartbeat(echo))) => echo,
+            other => panic!("not a heartbeat echo: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_held_echo_goes_out_in_front_of_the_next_batch_and_says_how_long_it_waited() {
+        let mut f = fixture(true).await;
+        hold_echo(&f, 42, Duration::from_millis(30));
+        f.publish(b"batch");
+        let walk = f.ring.wake_all();
+        assert_eq!((walk.frames, walk.woken), (2, 0), "echo and batch, no wake");
+        assert!(f.delivery.state.lock().held_echo.is_none());
+        let echo = read_echo(&mut f).await;
+        assert_eq!(
+            (echo.client_time_ms, echo.server_time_ms),
+            (42, 1_700_000_000_000)
+        );
+        assert!(
+            (30_000..1_000_000).contains(&echo.server_hold_us),
+            "held {} us",
+            echo.server_hold_us
+        );
+        assert_eq!(f.read_exactly(5).await, b"batch");
+    }
+
+    #[tokio::test]
+    async fn a_sweep_writes_a_held_echo_alone_and_leaves_every_other_connection_be() {
+        let mut f = fixture(true).await;
+        // Nothing held: a sweep writes nothing, wakes no one, even a busy
+        // task (the attack: sweeps must not cost every connection a wake).
+        let busy = fixture(false).await;
+        let walk = sweep(&f.ring);
+        assert_eq!((walk.frames, walk.woken), (0, 0));
+        let walk = sweep(&busy.ring);
+        assert_eq!((walk.frames, walk.woken), (0, 0));
+        assert_eq!(busy.woken(), 0);
+
+        hold_echo(&f, 7, Duration::ZERO);
+        let walk = sweep(&f.ring);
+        assert_eq!((walk.frames, walk.woken), (1, 0), "the echo alone");
+        assert_eq!(read_echo(&mut f).await.client_time_ms, 7);
+        assert!(f.delivery.state.lock().held_echo.is_none());
+
+        // An echo the other ring's batches carry waits for them until due.
+        hold_echo_for(&f, 10, Duration::ZERO, 1);
+        let walk = sweep(&f.ring);
+        assert_eq!((walk.frames, walk.woken), (0, 0), "left for its carrier");
+        hold_echo_for(&f, 11, Duration::from_secs(2), 1);
+        let walk = sweep(&f.ring);
+        assert_eq!((walk.frames, walk.woken), (1, 0), "due: written");
+        assert_eq!(read_echo(&mut f).await.client_time_ms, 11);
+
+        // A task the sweep cannot write for is woken and told to write it.
+        hold_echo(&busy, 8, Duration::ZERO);
+        let walk = sweep(&busy.ring);
+        assert_eq!((walk.frames, walk.woken), (0, 1));
+        let state = busy.delivery.state.lock();
+        assert!(state.flush_echo && state.held_echo.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_echo_the_socket_cannot_take_stays_held_for_the_task() {
+        let mut f = fixture(true).await;
+        static BIG: [u8; 8 << 20] = [7; 8 << 20];
+        f.publish(&BIG);
+        f.ring.wake_all();
+        f.delivery.state.lock().rest = None;
+        f.delivery.state.lock().parked_empty = true;
+        hold_echo(&f, 9, Duration::ZERO);
+        let walk = sweep(&f.ring);
+        assert_eq!((walk.frames, walk.woken), (0, 1), "the full socket took nothing");
+        assert_eq!(
+            f.delivery
+                .state
+                .lock()
+                .held_echo
+                .as_ref()
+                .map(|held| held.echo.client_time_ms),
+            Some(9),
+            "still held, for the task"
+        );
+        drop(f.peer);
     }
 }

@@ -20,6 +20,8 @@ pub(super) struct Fleet {
     numberings: [Numbering; 2],
     schemes: [String; 2],
     resume_horizon: Duration,
+    /// Looked up once: every HEARTBEAT records into it.
+    clock_offsets: metrics::Histogram,
 }
 
 impl Fleet {
@@ -31,6 +33,7 @@ impl Fleet {
             schemes: numberings.map(|n| n.scheme()),
             numberings,
             resume_horizon: config.resume_horizon,
+            clock_offsets: metrics::histogram!(m::HEARTBEAT_CLOCK_OFFSET_SECONDS),
         }
     }
 
@@ -52,7 +55,7 @@ impl Fleet {
     pub(super) fn record_clock_offset(&self, client_time_ms: Option<i64>) {
         let Some(sent) = client_time_ms else { return };
         let offset_ms = self.clock.now_ms().saturating_sub(sent);
-        metrics::histogram!(m::HEARTBEAT_CLOCK_OFFSET_SECONDS).record(offset_ms as f64 / 1000.0);
+        self.clock_offsets.record(offset_ms as f64 / 1000.0);
     }
 
     /// A batch of `ticks` made from the clock (the tail of a ring batch a

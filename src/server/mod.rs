@@ -141,6 +141,7 @@ pub async fn run_with_reload(
             parts: walk_parts,
             metrics: metrics.clone(),
             sample_every: config.latency_sample,
+            echo_hold: config.echo_hold(),
         };
         tracker.spawn(walker.run(wake, shutdown.clone()));
         ring
@@ -166,6 +167,7 @@ pub async fn run_with_reload(
         fleet,
         metrics,
         latency_sample: config.latency_sample,
+        echo_hold: config.echo_hold(),
         shutdown: shutdown.clone(),
         session_salt: rand::random(),
         close_log: LogBudget::new(),
@@ -201,6 +203,9 @@ struct Shared {
     fleet: Fleet,
     metrics: Metrics,
     latency_sample: u64,
+    /// The longest a subscribed connection's heartbeat echo waits for a
+    /// batch to ride with ([`Config::echo_hold`]); `None`: never held.
+    echo_hold: Option<Duration>,
     shutdown: CancellationToken,
     session_salt: u64,
     /// Rate limit of "connection closed with error" log lines.

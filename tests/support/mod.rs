@@ -279,9 +279,27 @@ pub fn heartbeat_frame(client_time_ms: i64) -> Vec<u8> {
         &Heartbeat {
             client_time_ms,
             server_time_ms: 0,
+            ..Heartbeat::default()
         }
         .encode_to_vec(),
     )
+}
+
+/// What [`RawClient::heartbeat_round_trip`] saw.
+#[derive(Debug)]
+pub struct EchoSeen {
+    pub echo: Heartbeat,
+    /// From sending the HEARTBEAT to reading its echo.
+    pub took: Duration,
+    /// A DATA_BATCH came right behind the echo.
+    pub batch_followed: bool,
+}
+
+impl EchoSeen {
+    /// How long the server says it held the echo.
+    pub fn held(&self) -> Duration {
+        Duration::from_micros(self.echo.server_hold_us)
+    }
 }
 
 /// A client that speaks raw bytes.
@@ -391,6 +409,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     pub async fn expect_closed(&mut self) {
         if let Some(frame) = self.try_recv().await {
             panic!("expected close, got {}", frame.describe());
+        }
+    }
+
+    /// Sends a HEARTBEAT and reads until its echo, skipping DATA_BATCH
+    /// frames on the way: the echo, how long it took, and whether a
+    /// DATA_BATCH followed it within 50 ms (it rode with a batch).
+    pub async fn heartbeat_round_trip(&mut self, limit: Duration) -> EchoSeen {
+        let client_time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis() as i64;
+        let sent = std::time::Instant::now();
+        self.send(&heartbeat_frame(client_time_ms)).await;
+        let echo = loop {
+            let frame = self.recv_within(limit).await;
+            match frame.frame_type {
+                0x03 => break frame.heartbeat(),
+                0x04 => {}
+                _ => panic!("unexpected {}", frame.describe()),
+            }
+        };
+        let took = sent.elapsed();
+        assert_eq!(echo.client_time_ms, client_time_ms, "the echo of this HEARTBEAT");
+        let batch_followed = tokio::time::timeout(Duration::from_millis(50), self.recv_inner())
+            .await
+            .is_ok_and(|frame| frame.is_some_and(|frame| frame.frame_type == 0x04));
+        EchoSeen {
+            echo,
+            took,
+            batch_followed,
         }
     }
 

@@ -237,3 +237,32 @@ def test_a_reconnect_attempt_that_fails_half_way_loses_no_gap_report() -> None:
         assert seen_resume[2:4] == seen_resume[4:6] == [(pb.SECOND, 9), (pb.MINUTE, 3)]
 
     arun(body(), timeout=20)
+
+
+def test_last_rtt_leaves_out_the_time_the_server_held_the_echo() -> None:
+    """PROTOCOL.md 6.6: an echo that waited for a batch says how long."""
+    held_s = 0.4
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert (await read_frame(reader))[0] == 0x01
+        writer.write(frame(0x06, pb.Ack(session_id="0123456789abcdef", heartbeat_interval_ms=200, heartbeat_timeout_ms=900).SerializeToString()))
+        assert (await read_frame(reader))[0] == 0x02
+        writer.write(SUB_ACK)
+        frame_type, payload = await read_frame(reader)
+        assert frame_type == 0x03
+        beat = pb.Heartbeat.FromString(payload)
+        await asyncio.sleep(held_s)
+        echo = pb.Heartbeat(client_time_ms=beat.client_time_ms, server_time_ms=1, server_hold_us=int(held_s * 1e6))
+        writer.write(frame(0x03, echo.SerializeToString()) + batch(7, 1))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    async def body() -> None:
+        async with peer(script) as addr:
+            async with Client(addr, "alice", "secret", reconnect=None) as client:
+                await client.subscribe(Mode.SECOND)
+                assert isinstance(await client.next_event(), Batch)
+                assert client.last_rtt is not None
+                assert client.last_rtt < held_s / 2, client.last_rtt
+
+    arun(body(), timeout=20)

@@ -220,7 +220,8 @@ class Client:
         self._pending: deque[Event] = deque()
         self._authenticated_once = False
         self.session: SessionInfo | None = None
-        #: Round-trip time (seconds) from the last HEARTBEAT echo.
+        #: Round-trip time (seconds) from the last HEARTBEAT echo, less the
+        #: time the server held the echo for a batch to ride with.
         self.last_rtt: float | None = None
 
     async def __aenter__(self) -> Client:
@@ -440,7 +441,10 @@ class Client:
             if frame.type is FrameType.HEARTBEAT:
                 echo = pb.Heartbeat()
                 _parse(echo, frame)
-                self.last_rtt = max(now_ms() - echo.client_time_ms, 0) / 1000
+                # Less the time the server held the echo for a batch to
+                # ride with (PROTOCOL.md section 6.6).
+                rtt_ms = max(now_ms() - echo.client_time_ms, 0)
+                self.last_rtt = max(rtt_ms / 1000 - echo.server_hold_us / 1e6, 0.0)
                 continue
             return frame
 
