@@ -98,7 +98,9 @@ where
                 // No batch came to carry it in time (a sweep says so, or
                 // our own clock does): it goes on its own.
                 let now = std::time::Instant::now();
-                let asked = std::mem::take(&mut state.flush_echo);
+                let asked = delivery
+                    .flush_echo
+                    .swap(false, std::sync::atomic::Ordering::Acquire);
                 if asked || held.is_due(now) {
                     conn.enqueue(Outgoing::Control(held.encode(now)));
                     state.held_echo = None;

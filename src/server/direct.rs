@@ -90,6 +90,11 @@ pub(super) struct Delivery {
     pub(super) state: Mutex<State>,
     /// Wakes the connection's task.
     pub(super) waker: AtomicWaker,
+    /// A sweep could not write the connection's held echo (the task held
+    /// the lock, or the walk may not write): the task writes it on its next
+    /// poll, due or not. Outside the lock so that a sweep which finds the
+    /// lock held can still ask.
+    pub(super) flush_echo: AtomicBool,
 }
 
 /// What the task and the walk share, under [`Delivery::state`]'s lock:
@@ -106,9 +111,6 @@ pub(super) struct State {
     /// walk may write. Set by the task only when its poll ends `Pending`
     /// with an empty queue, cleared by it on every wake.
     pub(super) parked_empty: bool,
-    /// A sweep found [`State::held_echo`] and could not write it: the task
-    /// writes it on its next poll, due or not.
-    pub(super) flush_echo: bool,
     /// Per mode: where the connection stands in that mode's ring (the
     /// walk of mode `m`'s ring has [`Walk::slot`] `m`).
     pub(super) positions: [Option<Position>; 2],
@@ -223,13 +225,13 @@ impl Delivery {
             state: Mutex::new(State {
                 socket: socket.unwrap_or(NO_SOCKET),
                 parked_empty: false,
-                flush_echo: false,
                 positions: [None, None],
                 rest: None,
                 held_echo: None,
                 conn_id,
             }),
             waker: AtomicWaker::new(),
+            flush_echo: AtomicBool::new(false),
         }
     }
 
@@ -260,8 +262,11 @@ impl Drop for Detach<'_> {
 impl Subscriber for Delivery {
     fn on_publish(&self, ring: &Ring, walk: &mut Walk) {
         let Some(mut state) = self.state.try_lock() else {
-            // The task is running and will see the batch (module docs), or,
-            // in a sweep, find its held echo due.
+            // The task is running and will see the batch (module docs); a
+            // sweep also asks it to write its held echo, if it has one.
+            if walk.sweep {
+                self.flush_echo.store(true, Ordering::Release);
+            }
             return self.wake(walk);
         };
         if walk.sweep
@@ -287,8 +292,10 @@ impl Subscriber for Delivery {
             }
         }
         state.parked_empty = false;
-        state.flush_echo |= walk.sweep;
         drop(state);
+        if walk.sweep {
+            self.flush_echo.store(true, Ordering::Release);
+        }
         self.wake(walk);
     }
 }
@@ -912,8 +919,18 @@ mod tests {
         hold_echo(&busy, 8, Duration::ZERO);
         let walk = sweep(&busy.ring);
         assert_eq!((walk.frames, walk.woken), (0, 1));
-        let state = busy.delivery.state.lock();
-        assert!(state.flush_echo && state.held_echo.is_some());
+        assert!(busy.delivery.flush_echo.swap(false, Ordering::SeqCst));
+        assert!(busy.delivery.state.lock().held_echo.is_some());
+
+        // So is a task the sweep finds running (its lock held).
+        let held = busy.delivery.state.lock();
+        let walk = sweep(&busy.ring);
+        drop(held);
+        assert_eq!((walk.frames, walk.woken), (0, 1));
+        assert!(
+            busy.delivery.flush_echo.load(Ordering::SeqCst),
+            "asked to write it"
+        );
     }
 
     #[tokio::test]
