@@ -176,3 +176,44 @@ async fn the_hold_never_outlasts_a_short_interval_or_the_timeout_margin() {
 fn server_hold(cfg: &tickstream::Config) -> Duration {
     cfg.echo_hold().expect("echoes are held")
 }
+
+/// The attacker's view of the hold: a subscriber that floods HEARTBEATs
+/// gets exactly one echo per HEARTBEAT, in order (the server holds one at a
+/// time, so the flood cannot pile up held echoes), and an honest subscriber
+/// beside it keeps its echoes riding with its batches.
+#[tokio::test]
+async fn a_heartbeat_flood_gets_one_echo_each_in_order_and_leaves_others_served() {
+    const FLOOD: i64 = 2_000;
+    let server = start(config()).await;
+    let (mut flooder, _) = RawClient::authenticated(server.addr).await;
+    flooder.send(&subscribe_frame(Mode::Second)).await;
+    flooder.recv().await.ack();
+    let (mut honest, _) = RawClient::authenticated(server.addr).await;
+    honest.send(&subscribe_frame(Mode::Second)).await;
+    honest.recv().await.ack();
+
+    let flood: Vec<u8> = (1..=FLOOD).flat_map(heartbeat_frame).collect();
+    flooder.send(&flood).await;
+
+    assert_eq!(honest.recv_within(Duration::from_secs(3)).await.frame_type, 0x04);
+    let seen = honest.heartbeat_round_trip(Duration::from_secs(3)).await;
+    assert!(seen.batch_followed, "the honest echo still rides: {seen:?}");
+
+    let mut expected = 1;
+    while expected <= FLOOD {
+        let frame = flooder.recv_within(Duration::from_secs(5)).await;
+        match frame.frame_type {
+            0x03 => {
+                assert_eq!(
+                    frame.heartbeat().client_time_ms,
+                    expected,
+                    "one echo each, in order"
+                );
+                expected += 1;
+            }
+            0x04 => {}
+            _ => panic!("unexpected {}", frame.describe()),
+        }
+    }
+    server.stop().await;
+}
